@@ -1,0 +1,95 @@
+"""SASRec (Kang & McAuley, 2018) in the post-LN form RecBole 1.2.1 uses.
+
+Sequences are left-padded with item 0; positions count from each sequence's first real item, so the
+amount of padding never changes a score. Scores are dot products with the item embeddings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class SasrecConfig:
+    n_items: int  # real items are 1..n_items; 0 is padding
+    hidden: int = 64
+    n_blocks: int = 2
+    n_heads: int = 2
+    inner: int = 256
+    max_len: int = 50
+    dropout: float = 0.5
+    attn_dropout: float = 0.5
+    layer_norm_eps: float = 1e-12
+
+
+class Block(nn.Module):
+    def __init__(self, c: SasrecConfig):
+        super().__init__()
+        self.n_heads, self.attn_dropout = c.n_heads, c.attn_dropout
+        self.qkv = nn.Linear(c.hidden, 3 * c.hidden)
+        self.proj = nn.Linear(c.hidden, c.hidden)
+        self.ln1 = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
+        self.ff = nn.Sequential(nn.Linear(c.hidden, c.inner), nn.GELU(), nn.Linear(c.inner, c.hidden))
+        self.ln2 = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
+        self.drop = nn.Dropout(c.dropout)
+
+    def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        p = self.attn_dropout if self.training else 0.0
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)  # [B, h, L, D/h]
+        x = self.ln1(x + self.drop(self.proj(a.transpose(1, 2).reshape(B, L, D))))
+        return self.ln2(x + self.drop(self.ff(x)))
+
+
+class SASRec(nn.Module):
+    def __init__(self, config: SasrecConfig):
+        super().__init__()
+        c = self.config = config
+        self.item_emb = nn.Embedding(c.n_items + 1, c.hidden, padding_idx=0)
+        self.pos_emb = nn.Embedding(c.max_len, c.hidden)
+        self.ln = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_blocks))
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def encode(self, seqs: Tensor) -> Tensor:
+        """seqs [B, L] left-padded item ids -> hidden states [B, L, D]; position t sees items <= t."""
+        B, L = seqs.shape
+        if L > self.config.max_len:
+            raise ValueError(f"sequence length {L} > max_len {self.config.max_len}; keep the last items")
+        valid = seqs != 0
+        pos = (valid.cumsum(1) - 1).clamp(min=0)  # 0 at the first real item, whatever the padding
+        x = self.drop(self.ln(self.item_emb(seqs) + self.pos_emb(pos)))
+        causal = torch.ones(L, L, dtype=torch.bool, device=seqs.device).tril()
+        allowed = causal & valid[:, None, :]  # [B, L, L]: query t attends to real keys <= t
+        allowed = allowed | torch.eye(L, dtype=torch.bool, device=seqs.device)  # padded rows: avoid NaN
+        allowed = allowed[:, None]  # [B, 1, L, L], broadcast over heads
+        for blk in self.blocks:
+            x = blk(x, allowed)
+        return x
+
+    def user_embedding(self, seqs: Tensor) -> Tensor:
+        """u_sas [B, D]: the output at the last (most recent) position."""
+        return self.encode(seqs)[:, -1]
+
+    def score_all(self, u: Tensor) -> Tensor:
+        """[B, D] -> [B, n_items + 1]; column 0 (padding) is -inf."""
+        s = u @ self.item_emb.weight.T
+        s[:, 0] = float("-inf")
+        return s
+
+    def score_items(self, u: Tensor, items: Tensor) -> Tensor:
+        """[B, D], [B, K] item ids -> [B, K]."""
+        return torch.einsum("bd,bkd->bk", u, self.item_emb(items))

@@ -1,0 +1,51 @@
+"""The `gedistill` command line. Each command lives in its stage module; heavy imports stay inside stage one."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from pipeline.errors import UsageError
+from stages.prepare import prepare
+from stages.retrieve import retrieve
+from stages.train_student import student_train
+
+app = typer.Typer(help="Generative embedding distillation: LLM teacher decisions -> SASRec student.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+app.command("prepare")(prepare)
+app.command("student-train")(student_train)
+app.command("retrieve")(retrieve)
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors exit with code 2 and a message that says what to do."""
+    # typer vendors its own click; its exceptions are the ones raised here.
+    from typer import Abort
+    from typer._click.exceptions import ClickException
+
+    try:
+        app(args=argv, standalone_mode=False)
+    except UsageError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except ClickException as e:  # bad option values, missing files: usage errors
+        e.show()
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; completed outputs are kept, rerun to continue", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

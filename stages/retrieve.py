@@ -1,0 +1,49 @@
+"""`gedistill retrieve`: the baseline student's top-K candidates for each teacher sample."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+
+from pipeline.candidates import select_samples, top_k, write_candidates
+from pipeline.checkpoint import file_sha256, load_student
+from pipeline.errors import UsageError
+from pipeline.prepared import load_prepared
+from stages.train_student import set_threads
+
+log = logging.getLogger(__name__)
+
+
+def retrieve(
+    prepared: Annotated[Path, typer.Option(help="Folder written by `gedistill prepare`.")] = Path("data/prepared"),
+    student: Annotated[Path, typer.Option(help="Baseline checkpoint folder (the retriever).")] = Path("data/students/baseline"),
+    out: Annotated[Path, typer.Option(help="Candidates Parquet file.")] = Path("data/candidates/candidates.parquet"),
+    k: Annotated[int, typer.Option(min=2, max=26, help="Candidates per sample (letters A.. identify them).")] = 20,
+    samples_per_user: Annotated[int, typer.Option(min=1, help="Teacher samples per user: the last M training positions.")] = 1,
+    all_positions: Annotated[bool, typer.Option(help="Use every training position (overrides --samples-per-user).")] = False,
+    threads: Annotated[int, typer.Option(min=0, help="torch threads; 0 = torch's default.")] = 0,
+) -> None:
+    """Pick teacher samples (training prefixes) and retrieve K unseen candidates for each with the baseline."""
+    set_threads(threads)
+    data = load_prepared(prepared)
+    model, meta = load_student(student)
+    if meta.get("prepared_fingerprint") != data.fingerprint:
+        raise UsageError(f"{student} was trained on other prepared data than {prepared}; "
+                         f"retrain it with `gedistill student-train --prepared {prepared}`")
+    per_user = None if all_positions else samples_per_user
+    users, positions = select_samples(data.train, per_user)
+    histories = [data.train[u][:p] for u, p in zip(users, positions)]
+    targets = np.array([data.train[u][p] for u, p in zip(users, positions)], dtype=np.int32)
+    cands, scores = top_k(model, histories, k)
+    recall = float((cands == targets[:, None]).any(1).mean())
+    fp = write_candidates(out, users, positions, targets, cands, scores, {
+        "prepared_fingerprint": data.fingerprint, "retriever": str(student),
+        "retriever_sha256": file_sha256(student / "model.safetensors"),
+        "selection": "all" if per_user is None else f"last {per_user} per user",
+    })
+    typer.echo(f"{len(users):,} samples, K={k}, target among candidates for {recall:.1%}; wrote {out} "
+               f"(fingerprint {fp[:16]})")

@@ -1,0 +1,112 @@
+"""`gedistill student-train`: SASRec on the prepared sequences; with --teacher-cache, distilled from a teacher store."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+import polars as pl
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.checkpoint import save_student
+from pipeline.metrics import DEFAULT_METRICS, summarize
+from pipeline.prepared import Prepared, load_prepared
+from pipeline.sasrec import SASRec, SasrecConfig
+from pipeline.train import FitResult, TrainConfig, fit, rank_targets, split_inputs
+
+log = logging.getLogger(__name__)
+
+
+def set_threads(threads: int) -> None:
+    """0 keeps torch's default. On a shared machine, spin-waiting threads fight (DESIGN.md point 11)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def final_report(model: SASRec, prepared: Prepared, out: Path, run_name: str, metrics_path: Path,
+                 result: FitResult, settings: dict) -> dict:
+    """Evaluate valid/test (unmasked, and with seen items masked), write metrics JSON + per-user ranks."""
+    metrics: dict = {}
+    ranks = []
+    for split in ("valid", "test"):
+        h, t = split_inputs(prepared, split)
+        for masked in (False, True):
+            r = rank_targets(model, h, t, masked=masked)
+            metrics[f"{split}_masked" if masked else split] = summarize(r)
+            ranks.append(pl.DataFrame({"user_idx": np.arange(len(r), dtype=np.int32), "split": split,
+                                       "masked": masked, "rank": r.astype(np.int32)}))
+    metrics["best_epoch"] = result.best_epoch
+    metrics["epochs_run"] = len(result.history)
+    metrics["run"] = run_name
+    pl.concat(ranks).write_parquet(out / "ranks.parquet")
+    (out / "history.json").write_text(json.dumps(result.history, indent=1) + "\n")
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / "settings.json").write_text(json.dumps(settings, indent=2, default=str) + "\n")
+
+    table = Table(title=f"{run_name}: full ranking over {prepared.n_items:,} items, {prepared.n_users:,} users")
+    table.add_column("split")
+    for m in DEFAULT_METRICS:
+        table.add_column(m, justify="right")
+    for key in ("valid", "test", "valid_masked", "test_masked"):
+        table.add_row(key.replace("_masked", " (seen masked)"), *(f"{metrics[key][m]:.4f}" for m in DEFAULT_METRICS))
+    Console().print(table)
+    return metrics
+
+
+def student_train(
+    prepared: Annotated[Path, typer.Option(help="Folder written by `gedistill prepare`.")] = Path("data/prepared"),
+    out: Annotated[Path | None, typer.Option(help="Checkpoint folder. Default: data/students/<run-name>.")] = None,
+    run_name: Annotated[str | None, typer.Option(help="Names the run's files. Default: 'baseline', or 'distilled' with --teacher-cache.")] = None,
+    metrics: Annotated[Path | None, typer.Option(help="Metrics JSON for DVC. Default: data/metrics/<run-name>.json.")] = None,
+    teacher_cache: Annotated[Path | None, typer.Option(help="Teacher store written by `gedistill teacher-dump`; omit for the baseline.")] = None,
+    hidden: Annotated[int, typer.Option(min=8)] = 64,
+    blocks: Annotated[int, typer.Option(min=1)] = 2,
+    heads: Annotated[int, typer.Option(min=1)] = 2,
+    max_len: Annotated[int, typer.Option(min=2, help="History length the model sees.")] = 50,
+    dropout: Annotated[float, typer.Option(min=0.0, max=0.95)] = 0.5,
+    loss: Annotated[str, typer.Option(help="ce: softmax over all items; bce: sampled negatives.")] = "ce",
+    epochs: Annotated[int, typer.Option(min=1)] = 200,
+    batch_size: Annotated[int, typer.Option(min=1, help="Training windows per step.")] = 64,
+    lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
+    patience: Annotated[int, typer.Option(min=1, help="Early stopping on validation NDCG@10.")] = 10,
+    stride: Annotated[int | None, typer.Option(min=1, help="Window step over long sequences (default max-len).")] = None,
+    seed: Annotated[int, typer.Option()] = 2020,
+    threads: Annotated[int, typer.Option(min=0, help="torch threads; 0 = torch's default.")] = 0,
+) -> None:
+    """Train SASRec with full-softmax CE (or BCE), early stopping on validation NDCG@10, and report metrics."""
+    if loss not in ("ce", "bce"):
+        raise typer.BadParameter(f"--loss must be ce or bce, not {loss!r}")
+    if hidden % heads:
+        raise typer.BadParameter(f"--hidden {hidden} must be divisible by --heads {heads}")
+    if stride is not None and stride > max_len:
+        raise typer.BadParameter(f"--stride {stride} must be at most --max-len {max_len}")
+    set_threads(threads)
+    run = run_name or ("distilled" if teacher_cache else "baseline")
+    out = out or Path("data/students") / run
+    metrics_path = metrics or Path("data/metrics") / f"{run}.json"
+    data = load_prepared(prepared)
+    cfg = SasrecConfig(n_items=data.n_items, hidden=hidden, n_blocks=blocks, n_heads=heads, max_len=max_len,
+                       dropout=dropout, attn_dropout=dropout)
+    tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,  # type: ignore[arg-type]
+                       stride=stride, patience=patience, seed=seed)
+    torch.manual_seed(seed)
+    model = SASRec(cfg)
+    objective = None
+    if teacher_cache is not None:
+        raise typer.BadParameter("--teacher-cache: distillation is not wired in yet")
+    log.info("training %s on %d users, %d items (threads=%d)", run, data.n_users, data.n_items, torch.get_num_threads())
+    result = fit(model, data, tcfg, objective=objective, show_progress=os.environ.get("GEDISTILL_NO_PROGRESS") is None)
+    out.mkdir(parents=True, exist_ok=True)
+    save_student(out, model, {"run": run, "prepared_fingerprint": data.fingerprint, "train": asdict(tcfg),
+                              "best_epoch": result.best_epoch})
+    final_report(model, data, out, run, metrics_path, result,
+                 {"sasrec": asdict(cfg), "train": asdict(tcfg), "teacher_cache": teacher_cache})

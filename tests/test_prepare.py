@@ -1,0 +1,113 @@
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from pipeline.errors import UsageError
+from pipeline.prepare import PrepareConfig, build_sequences
+from pipeline.prepared import load_prepared, write_prepared
+from pipeline.sources import Columns, read_interactions, read_items
+
+
+def frame(rows):
+    df = pl.DataFrame(rows, schema=["user", "item", "ts"], orient="row")
+    return df.with_columns(pl.col("ts").cast(pl.Float64)).with_row_index("row")
+
+
+def test_leave_one_out_and_ids():
+    inter = frame([("b", "30", 5), ("a", "10", 3), ("a", "20", 1), ("a", "30", 2), ("b", "10", 1),
+                   ("b", "20", 9), ("a", "5", 4)])
+    seqs, items, _ = build_sequences(inter, None, PrepareConfig())
+    # ids: items in numeric order of the original ids: 5->1, 10->2, 20->3, 30->4; users a->0, b->1
+    assert items["item_id"].to_list() == ["5", "10", "20", "30"]
+    assert items["item_idx"].to_list() == [1, 2, 3, 4]
+    a, b = seqs.row(0, named=True), seqs.row(1, named=True)
+    assert a["user_id"] == "a" and a["train"] == [3, 4] and a["valid"] == 2 and a["test"] == 1
+    assert b["user_id"] == "b" and b["train"] == [2] and b["valid"] == 4 and b["test"] == 3
+
+
+def test_equal_timestamps_keep_file_order():
+    inter = frame([("a", "1", 1), ("a", "2", 1), ("a", "3", 7), ("a", "4", 7), ("a", "5", 7)])
+    seqs, _, _ = build_sequences(inter, None, PrepareConfig())
+    row = seqs.row(0, named=True)
+    assert row["train"] == [1, 2, 3] and row["valid"] == 4 and row["test"] == 5
+
+
+def test_duplicates_refused_or_dropped():
+    inter = frame([("a", "1", 1), ("a", "1", 1), ("a", "2", 2), ("a", "3", 3)])
+    with pytest.raises(UsageError, match="1 duplicate rows.*--drop-duplicates"):
+        build_sequences(inter, None, PrepareConfig())
+    seqs, _, report = build_sequences(inter, None, PrepareConfig(drop_duplicates=True))
+    assert seqs.row(0, named=True)["train"] == [1]
+    assert report.filtered == [{"step": "duplicates", "removed": 1}]
+
+
+def test_short_users_dropped_with_warning_and_empty_result_refused():
+    inter = frame([("a", "1", 1), ("a", "2", 2), ("a", "3", 3), ("b", "1", 1), ("b", "2", 2)])
+    seqs, _, report = build_sequences(inter, None, PrepareConfig())
+    assert seqs["user_id"].to_list() == ["a"]
+    assert "1 users have fewer than 3" in report.warnings[0]
+    with pytest.raises(UsageError, match="no users left"):
+        build_sequences(frame([("b", "1", 1), ("b", "2", 2)]), None, PrepareConfig())
+
+
+def test_kcore_filters_iteratively():
+    rows = [(u, str(i), t) for u in "abc" for t, i in enumerate([1, 2, 3, 4])] + [("d", "9", 1), ("d", "1", 2), ("d", "2", 3)]
+    seqs, items, report = build_sequences(frame(rows), None, PrepareConfig(kcore=3))
+    assert set(seqs["user_id"]) == {"a", "b", "c"}  # d's item 9 has one user; then d has 2 < 3
+    assert "9" not in items["item_id"].to_list()
+    assert report.filtered[0]["removed"] == 3
+
+
+def test_item_text_unknown_rows_warn_and_none_matching_refused():
+    inter = frame([("a", "1", 1), ("a", "2", 2), ("a", "3", 3)])
+    text = pl.DataFrame({"item": ["1", "2", "99"], "title": ["One", "Two", "Ninety-nine"], "text": ["", "", ""]})
+    _, items, report = build_sequences(inter, text, PrepareConfig())
+    assert items["title"].to_list() == ["One", "Two", "item 3"]
+    assert any("1 item-text rows" in w for w in report.warnings)
+    assert any("1 items have no text" in w for w in report.warnings)
+    bad = pl.DataFrame({"item": ["x", "y"], "title": ["X", "Y"], "text": ["", ""]})
+    with pytest.raises(UsageError, match="none of the 2 item-text ids match"):
+        build_sequences(inter, bad, PrepareConfig())
+
+
+def test_bad_files_name_file_and_column(tmp_path: Path):
+    p = tmp_path / "i.csv"
+    pl.DataFrame({"uid": ["a"], "item_id": ["1"], "timestamp": ["1"]}).write_csv(p)
+    with pytest.raises(UsageError, match=r"i\.csv: missing user column 'user_id'.*--user-col"):
+        read_interactions(p, Columns())
+    pl.DataFrame({"user_id": ["a", "a"], "item_id": ["1", "2"], "timestamp": ["1", "yesterday"]}).write_csv(p)
+    with pytest.raises(UsageError, match=r"column 'timestamp' has 1 non-numeric timestamps \(first at row 2: 'yesterday'\)"):
+        read_interactions(p, Columns())
+    junk = tmp_path / "junk.parquet"
+    junk.write_bytes(b"not parquet at all")
+    with pytest.raises(UsageError, match="junk.parquet: cannot be read as parquet"):
+        read_interactions(junk, Columns())
+    with pytest.raises(UsageError, match="unsupported file type"):
+        read_interactions(tmp_path / "x.json", Columns()) if (tmp_path / "x.json").write_text("{}") else None
+    items = tmp_path / "items.csv"
+    pl.DataFrame({"item_id": ["1", "1"], "title": ["A", "B"]}).write_csv(items)
+    with pytest.raises(UsageError, match="item id '1' appears 2 times"):
+        read_items(items, Columns())
+
+
+def test_datetime_timestamps_and_prepared_round_trip(tmp_path: Path):
+    from datetime import datetime
+
+    df = pl.DataFrame({"user_id": ["a"] * 3, "item_id": ["1", "2", "3"],
+                       "timestamp": [datetime(2020, 1, d) for d in (3, 1, 2)]})
+    p = tmp_path / "i.parquet"
+    df.write_parquet(p)
+    inter = read_interactions(p, Columns())
+    seqs, items, _ = build_sequences(inter, None, PrepareConfig())
+    assert seqs.row(0, named=True)["train"] == [2] and seqs.row(0, named=True)["test"] == 1
+    summary = write_prepared(tmp_path / "prep", seqs, items, {})
+    data = load_prepared(tmp_path / "prep")
+    assert data.fingerprint == summary["fingerprint"] and data.n_items == 3
+    np.testing.assert_array_equal(data.train[0], [2])
+    # a tampered store is detected
+    seqs2 = seqs.with_columns(pl.lit(3).cast(pl.Int32).alias("test"))
+    seqs2.write_parquet(tmp_path / "prep" / "sequences.parquet")
+    with pytest.raises(UsageError, match="does not match summary.json"):
+        load_prepared(tmp_path / "prep")
