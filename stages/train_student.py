@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.checkpoint import save_student
+from pipeline.distill import DistillConfig, DistillObjective, init_from_baseline, open_teacher_store
 from pipeline.metrics import DEFAULT_METRICS, summarize
 from pipeline.prepared import Prepared, load_prepared
 from pipeline.sasrec import SASRec, SasrecConfig
@@ -68,6 +69,20 @@ def student_train(
     run_name: Annotated[str | None, typer.Option(help="Names the run's files. Default: 'baseline', or 'distilled' with --teacher-cache.")] = None,
     metrics: Annotated[Path | None, typer.Option(help="Metrics JSON for DVC. Default: data/metrics/<run-name>.json.")] = None,
     teacher_cache: Annotated[Path | None, typer.Option(help="Teacher store written by `gedistill teacher-dump`; omit for the baseline.")] = None,
+    candidates: Annotated[Path | None, typer.Option(help="Candidates file the store was made from, checked by fingerprint. Default: data/candidates/candidates.parquet when it exists.")] = None,
+    w_rec: Annotated[float, typer.Option(min=0.0, help="Weight of the next-item loss; 0 with a teacher = the source method (L_rank + lambda L_emb).")] = 1.0,
+    w_rank: Annotated[float, typer.Option(min=0.0, help="Weight of the ListNet loss on the teacher's K candidates.")] = 1.0,
+    lambda_emb: Annotated[float, typer.Option(min=0.0, help="Weight of the embedding loss d(W_p(h_dec), u_sas).")] = 1.0,
+    emb_loss: Annotated[str, typer.Option(help="mse (the source), cosine or standardized.")] = "cosine",
+    teacher_target: Annotated[str, typer.Option(help="ranking: softmax(-rank/T); scores: softmax(identifier logits/T).")] = "ranking",
+    teacher_temperature: Annotated[float, typer.Option(min=1e-6, help="T of the teacher target.")] = 1.0,
+    gamma_position: Annotated[float, typer.Option(min=0.0, max=1.0, help="DLLM2Rec rank-position weighting (0 = off).")] = 0.0,
+    gamma_confidence: Annotated[float, typer.Option(min=0.0, max=1.0, help="DLLM2Rec teacher-confidence weighting (0 = off).")] = 0.0,
+    gamma_agreement: Annotated[float, typer.Option(min=0.0, max=1.0, help="DLLM2Rec teacher-student agreement weighting (0 = off).")] = 0.0,
+    teacher_batch_size: Annotated[int, typer.Option(min=2, help="Teacher samples drawn per optimizer step.")] = 64,
+    buffer_rows: Annotated[int, typer.Option(min=2, help="Shuffle buffer over the store, in rows (bounds memory).")] = 4096,
+    init: Annotated[str, typer.Option(help="scratch, or baseline: start from --baseline's weights.")] = "scratch",
+    baseline: Annotated[Path, typer.Option(help="Baseline checkpoint for --init baseline.")] = Path("data/students/baseline"),
     hidden: Annotated[int, typer.Option(min=8)] = 64,
     blocks: Annotated[int, typer.Option(min=1)] = 2,
     heads: Annotated[int, typer.Option(min=1)] = 2,
@@ -97,16 +112,28 @@ def student_train(
     cfg = SasrecConfig(n_items=data.n_items, hidden=hidden, n_blocks=blocks, n_heads=heads, max_len=max_len,
                        dropout=dropout, attn_dropout=dropout)
     tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,  # type: ignore[arg-type]
-                       stride=stride, patience=patience, seed=seed)
+                       stride=stride, patience=patience, seed=seed, w_rec=w_rec)
     torch.manual_seed(seed)
     model = SASRec(cfg)
-    objective = None
+    objective, dcfg = None, None
     if teacher_cache is not None:
-        raise typer.BadParameter("--teacher-cache: distillation is not wired in yet")
+        dcfg = DistillConfig(w_rank=w_rank, lambda_emb=lambda_emb, emb_loss=emb_loss, target=teacher_target,  # type: ignore[arg-type]
+                             temperature=teacher_temperature, gamma_position=gamma_position,
+                             gamma_confidence=gamma_confidence, gamma_agreement=gamma_agreement,
+                             teacher_batch_size=teacher_batch_size, buffer_rows=buffer_rows, init=init, seed=seed)  # type: ignore[arg-type]
+        default_cands = Path("data/candidates/candidates.parquet")
+        store = open_teacher_store(teacher_cache, data, candidates or (default_cands if default_cands.is_file() else None))
+        if init == "baseline":
+            init_from_baseline(model, baseline, data)
+        objective = DistillObjective(dcfg, data, list(store.shard_paths), hidden, max_len)
+    elif w_rec == 0:
+        raise typer.BadParameter("--w-rec 0 without --teacher-cache leaves nothing to train")
     log.info("training %s on %d users, %d items (threads=%d)", run, data.n_users, data.n_items, torch.get_num_threads())
     result = fit(model, data, tcfg, objective=objective, show_progress=os.environ.get("GEDISTILL_NO_PROGRESS") is None)
     out.mkdir(parents=True, exist_ok=True)
+    distill_meta = {"distill": asdict(dcfg), "teacher_cache": str(teacher_cache)} if dcfg else {}
     save_student(out, model, {"run": run, "prepared_fingerprint": data.fingerprint, "train": asdict(tcfg),
-                              "best_epoch": result.best_epoch})
+                              "best_epoch": result.best_epoch, **distill_meta},
+                 extra_tensors={f"projector.{k}": v for k, v in objective.projector.state_dict().items()} if objective else None)
     final_report(model, data, out, run, metrics_path, result,
-                 {"sasrec": asdict(cfg), "train": asdict(tcfg), "teacher_cache": teacher_cache})
+                 {"sasrec": asdict(cfg), "train": asdict(tcfg), "teacher_cache": teacher_cache, **distill_meta})

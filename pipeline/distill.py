@@ -1,0 +1,200 @@
+"""The distillation objective: teacher ranking (ListNet) + decision state (projected h_dec) -> SASRec.
+
+L = w_rec * L_rec  (the training loop's own next-item loss)
+  + w_rank * ListNet(student scores on the K candidates, teacher target)
+  + lambda_emb * d(W_p(h_dec), u_sas)
+
+How teacher samples join training: every optimizer step of the ordinary sequence batches also
+draws one batch of `teacher_batch_size` teacher samples from an endless, shuffled stream over the
+store (teacher_stream.TeacherStream). Each sample's history is rebuilt from the prepared training
+sequence (train[:position], the last max_len items) and encoded by the same model, so the three
+losses share one optimizer step. The store is cycled as often as the step count needs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from pipeline.candidates import candidates_fingerprint
+from pipeline.checkpoint import load_student
+from pipeline.errors import UsageError
+from pipeline.losses_distill import (
+    EmbLoss,
+    Target,
+    embedding_loss,
+    importance_weights,
+    listnet_loss,
+    ranks_from_ranking,
+    teacher_distribution,
+)
+from pipeline.prepared import Prepared
+from pipeline.sasrec import SASRec
+from pipeline.sequences import left_pad
+from pipeline.store import StoreInfo, open_store
+from pipeline.teacher_stream import TeacherBatch, TeacherStream, teacher_width
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    w_rank: float = 1.0
+    lambda_emb: float = 1.0
+    emb_loss: EmbLoss = "cosine"
+    target: Target = "ranking"
+    temperature: float = 1.0  # of the teacher target: softmax(-rank / T) or softmax(score / T)
+    # DLLM2Rec importance weighting of the ranking loss; all 0 = plain ListNet
+    gamma_position: float = 0.0
+    gamma_confidence: float = 0.0
+    gamma_agreement: float = 0.0
+    position_beta: float = 5.0
+    agreement_k: int = 5
+    teacher_batch_size: int = 64
+    buffer_rows: int = 4096
+    skip_failed: bool = True  # rows whose ranking could not be parsed are left out
+    init: Literal["scratch", "baseline"] = "scratch"  # handled by the stage
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.w_rank < 0 or self.lambda_emb < 0:
+            raise UsageError("w_rank and lambda_emb must be >= 0")
+        if self.emb_loss not in ("mse", "cosine", "standardized"):
+            raise UsageError(f"emb_loss must be mse, cosine or standardized, not {self.emb_loss!r}")
+        if self.target not in ("ranking", "scores"):
+            raise UsageError(f"target must be ranking or scores, not {self.target!r}")
+        if self.init not in ("scratch", "baseline"):
+            raise UsageError(f"init must be scratch or baseline, not {self.init!r}")
+        if self.temperature <= 0:
+            raise UsageError("the teacher temperature must be > 0")
+        g = (self.gamma_position, self.gamma_confidence, self.gamma_agreement)
+        if min(g) < 0 or sum(g) > 1:
+            raise UsageError("importance gammas (position, confidence, agreement) must be >= 0 and sum to <= 1")
+        if self.teacher_batch_size < 2 or self.buffer_rows < self.teacher_batch_size:
+            raise UsageError("need 2 <= teacher_batch_size <= buffer_rows")
+
+
+class DistillObjective:
+    """The extra objective the training loop adds each step: parameters(), loss(), end_epoch()."""
+
+    def __init__(self, cfg: DistillConfig, prepared: Prepared, shards: list[Path], student_width: int, max_len: int):
+        self.cfg, self.prepared, self.max_len = cfg, prepared, max_len
+        self.teacher_width = teacher_width(shards)
+        g = torch.Generator().manual_seed(cfg.seed)
+        self.projector = nn.Linear(self.teacher_width, student_width)  # W_p: H -> D
+        with torch.no_grad():  # seeded init, independent of the global RNG state
+            bound = 1.0 / math.sqrt(self.teacher_width)
+            self.projector.weight.uniform_(-bound, bound, generator=g)
+            self.projector.bias.uniform_(-bound, bound, generator=g)
+        self.stream = TeacherStream(
+            shards, cfg.teacher_batch_size, buffer_rows=cfg.buffer_rows, seed=cfg.seed, skip_failed=cfg.skip_failed
+        )
+        self._batches = iter(self.stream)
+        self._sums: dict[str, float] = defaultdict(float)
+        self._steps = 0
+
+    def parameters(self):
+        return self.projector.parameters()
+
+    def _histories(self, b: TeacherBatch) -> Tensor:
+        train = self.prepared.train
+        hist = []
+        for sid, u, p, t in zip(b.sample_id, b.user_idx, b.position, b.target):
+            seq = train[u] if 0 <= u < len(train) else None
+            if seq is None or p >= len(seq) or seq[p] != t:
+                raise UsageError(
+                    f"teacher sample {sid} (user_idx {u}, position {p}, target {t}) does not match the "
+                    "prepared training sequences: the store was made from other prepared data"
+                )
+            hist.append(seq[max(0, p - self.max_len):p])
+        return left_pad(hist, self.max_len)
+
+    def loss(self, model: SASRec, step: int) -> tuple[Tensor, dict[str, float]]:
+        cfg = self.cfg
+        b = next(self._batches)
+        device = next(model.parameters()).device
+        seqs = self._histories(b).to(device)  # [B, L]
+        cands = torch.from_numpy(b.candidates).to(device)  # [B, K]
+        ranks = ranks_from_ranking(torch.from_numpy(b.ranking).to(device))  # [B, K]
+        scores = torch.from_numpy(b.scores).to(device) if b.scores.shape[1] else None
+        h = torch.from_numpy(b.h_dec.astype(np.float32, copy=False)).to(device)  # [B, H]
+
+        u = model.user_embedding(seqs)  # [B, D]
+        total = u.new_zeros(())
+        logs: dict[str, float] = {}
+        if cfg.w_rank > 0:
+            s = model.score_items(u, cands)  # [B, K]
+            q = teacher_distribution(ranks, scores, cfg.target, cfg.temperature)
+            w = importance_weights(
+                ranks, q, s.detach(),
+                gamma_position=cfg.gamma_position, gamma_confidence=cfg.gamma_confidence,
+                gamma_agreement=cfg.gamma_agreement, position_beta=cfg.position_beta, agreement_k=cfg.agreement_k,
+            )
+            l_rank = listnet_loss(s, q, w)
+            total = total + cfg.w_rank * l_rank
+            logs["l_rank"] = float(l_rank.detach())
+        proj = self.projector(h)  # [B, D]
+        l_emb = embedding_loss(proj, u, cfg.emb_loss)
+        if cfg.lambda_emb > 0:
+            total = total + cfg.lambda_emb * l_emb
+        # the collapse check: both sides of the embedding loss, every step
+        logs["l_emb"] = float(l_emb.detach())
+        logs["u_norm"] = float(u.detach().norm(dim=1).mean())
+        logs["proj_norm"] = float(proj.detach().norm(dim=1).mean())
+        for k, v in logs.items():
+            self._sums[k] += v
+        self._steps += 1
+        return total, logs
+
+    def end_epoch(self) -> dict[str, float]:
+        """Means since the last call: l_rank, l_emb, u_norm (||u_sas||), proj_norm (||W_p h_dec||)."""
+        out = {k: v / max(1, self._steps) for k, v in self._sums.items()}
+        out["teacher_passes"] = float(self.stream.passes)
+        self._sums.clear()
+        self._steps = 0
+        return out
+
+
+def open_teacher_store(root: Path, prepared: Prepared, candidates: Path | None = None) -> StoreInfo:
+    """Open a store for training, or refuse it with a message naming what differs.
+
+    open_store checks the schema version, completeness and every shard's sha256. Then the store's
+    prepared-data fingerprint must be the training data's, and (when a candidates file is given)
+    its candidates fingerprint that file's. Rows are checked against the sequences while streaming.
+    """
+    info = open_store(Path(root), checksums=True)
+    s = info.settings
+    diffs = []
+    if s.get("prepared_fingerprint") != prepared.fingerprint:
+        diffs.append(f"prepared-data fingerprint: store {str(s.get('prepared_fingerprint'))[:16]}, "
+                     f"training data {prepared.fingerprint[:16]}")
+    if candidates is not None:
+        fp = candidates_fingerprint(candidates)
+        if s.get("candidates_fingerprint") != fp:
+            diffs.append(f"candidates fingerprint: store {str(s.get('candidates_fingerprint'))[:16]}, "
+                         f"{candidates} {fp[:16]}")
+    if diffs:
+        raise UsageError(
+            f"{root} was made from other data than this training run uses: " + "; ".join(diffs)
+            + ". Pass the --prepared (and --candidates) it was made from, or rerun `gedistill teacher-dump` on this data."
+        )
+    return info
+
+
+def init_from_baseline(model: SASRec, folder: Path, prepared: Prepared) -> dict:
+    """Copy a baseline checkpoint's weights into `model`; refuse other data or another architecture."""
+    base, meta = load_student(folder)
+    if meta.get("prepared_fingerprint") != prepared.fingerprint:
+        raise UsageError(f"{folder}: the baseline was trained on other prepared data; retrain it or use --init scratch")
+    keys = ("n_items", "hidden", "n_blocks", "n_heads", "inner", "max_len")
+    diffs = [f"{k}: baseline {getattr(base.config, k)}, now {getattr(model.config, k)}"
+             for k in keys if getattr(base.config, k) != getattr(model.config, k)]
+    if diffs:
+        raise UsageError(f"{folder}: the baseline's architecture differs ({'; '.join(diffs)}); match it or use --init scratch")
+    model.load_state_dict(base.state_dict())
+    return meta
