@@ -10,12 +10,14 @@ import typer
 from pipeline.errors import UsageError
 from stages.prepare import prepare
 from stages.retrieve import retrieve
+from stages.evaluate import evaluate
 from stages.train_student import student_train
 
 app = typer.Typer(help="Generative embedding distillation: LLM teacher decisions -> SASRec student.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 app.command("prepare")(prepare)
 app.command("student-train")(student_train)
+app.command("evaluate")(evaluate)
 app.command("retrieve")(retrieve)
 
 

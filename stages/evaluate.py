@@ -1,0 +1,166 @@
+"""`gedistill evaluate`: baseline vs distilled on the same test users, and how good the teacher was.
+
+Reads checkpoints, the prepared data and (optionally) the teacher store; never an LLM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.checkpoint import load_student
+from pipeline.errors import UsageError
+from pipeline.metrics import DEFAULT_METRICS, per_user
+from pipeline.plots import plot_comparison, plot_teacher, plot_training
+from pipeline.prepared import Prepared, load_prepared
+from pipeline.sasrec import SASRec
+from pipeline.sequences import left_pad
+from pipeline.stats import PairedDiff, paired_bootstrap
+from pipeline.store import iter_batches, open_store
+from pipeline.teacher_quality import TeacherQuality
+from pipeline.train import rank_targets, split_inputs
+
+log = logging.getLogger(__name__)
+
+
+def _load(folder: Path, prepared: Prepared) -> tuple[SASRec, dict]:
+    model, meta = load_student(folder)
+    if meta.get("prepared_fingerprint") != prepared.fingerprint:
+        raise UsageError(f"{folder} was trained on other prepared data; pass the --prepared it was trained on")
+    return model, meta
+
+
+def _describe(meta: dict) -> str:
+    """A short label of the losses a checkpoint was trained with, e.g. 'w_rec=0, mse, lambda=1'."""
+    d = meta.get("distill")
+    if not d:
+        return ""
+    w_rec = meta.get("train", {}).get("w_rec", 1.0)
+    return f"w_rec={w_rec:g}, w_rank={d['w_rank']:g}, {d['emb_loss']} x {d['lambda_emb']:g}"
+
+
+def _history(folder: Path) -> list[dict]:
+    p = folder / "history.json"
+    return json.loads(p.read_text()) if p.is_file() else []
+
+
+def compare_students(models: dict[str, SASRec], prepared: Prepared, masked: bool, n_boot: int, seed: int
+                     ) -> dict[str, PairedDiff]:
+    """Per-user test metrics of both models on the same users, paired bootstrap of the difference."""
+    hist, targets = split_inputs(prepared, "test")
+    (a, ma), (b, mb) = models.items()
+    ra, rb = rank_targets(ma, hist, targets, masked=masked), rank_targets(mb, hist, targets, masked=masked)
+    return {m: paired_bootstrap(per_user(ra, m), per_user(rb, m), n_boot=n_boot, seed=seed) for m in DEFAULT_METRICS}
+
+
+@torch.no_grad()
+def teacher_quality(store: Path, prepared: Prepared, models: dict[str, SASRec], max_rows: int = 0) -> TeacherQuality:
+    """Stream the store; score each sample's candidates with every student (history = train[:position])."""
+    info = open_store(store, checksums=True)
+    if info.settings.get("prepared_fingerprint") != prepared.fingerprint:
+        raise UsageError(f"{store} was made from other prepared data than the students were trained on")
+    acc = TeacherQuality(int(info.k), tuple(models))
+    cols = ["user_idx", "position", "target", "candidates", "ranking", "status"]
+    seen = 0
+    for rb in iter_batches(info, columns=cols, batch_rows=1024):
+        if max_rows and seen >= max_rows:
+            break
+        rb = rb.slice(0, max_rows - seen) if max_rows else rb
+        seen += rb.num_rows
+        n, k = rb.num_rows, acc.k
+        cands = rb.column("candidates").flatten().to_numpy(zero_copy_only=False).reshape(n, k).astype(np.int64)
+        ranking = rb.column("ranking").flatten().to_numpy(zero_copy_only=False).reshape(n, k).astype(np.int64)
+        users = rb.column("user_idx").to_numpy(zero_copy_only=False)
+        pos = rb.column("position").to_numpy(zero_copy_only=False)
+        scores = {}
+        for name, model in models.items():
+            model.eval()
+            seqs = left_pad([prepared.train[u][:p] for u, p in zip(users, pos)], model.config.max_len)
+            scores[name] = model.score_items(model.user_embedding(seqs), torch.from_numpy(cands)).numpy()
+        acc.update(cands, ranking, rb.column("target").to_numpy(zero_copy_only=False).astype(np.int64),
+                   np.asarray(rb.column("status").to_pylist(), dtype=object), scores)
+    return acc
+
+
+def _print(diffs: dict[str, PairedDiff], names: tuple[str, str], teacher: dict | None, masked: bool) -> None:
+    a, b = names
+    t = Table(title=f"test ({next(iter(diffs.values())).n_users:,} users, full ranking"
+                    f"{', seen items masked' if masked else ''}): {b} vs {a}")
+    for col in ("metric", a, b, "diff", "95% CI of diff", "significant"):
+        t.add_column(col, justify="left" if col == "metric" else "right")
+    for m, d in diffs.items():
+        t.add_row(m, f"{d.mean_a:.4f}", f"{d.mean_b:.4f}", f"{d.diff:+.4f}", f"[{d.ci_low:+.4f}, {d.ci_high:+.4f}]",
+                  "yes" if d.significant else "no")
+    console = Console()
+    console.print(t)
+    if teacher:
+        tt = Table(title=f"teacher on its own candidate sets ({teacher['samples']:,} samples, K={teacher['k']})")
+        for col in ("ranker", "NDCG@K (target present)", "HR@1", "mean rank"):
+            tt.add_column(col, justify="left" if col == "ranker" else "right")
+        for name in ("teacher", a, b):
+            r = teacher[name]
+            tt.add_row(name, f"{r['ndcg@k_where_present']:.4f}", f"{r['hr@1_where_present']:.4f}",
+                       f"{r['mean_rank_where_present']:.2f}")
+        tt.add_row("random order", f"{teacher['random_ndcg@k']:.4f}", f"{1 / teacher['k']:.4f}", f"{(teacher['k'] - 1) / 2:.2f}")
+        console.print(tt)
+        console.print(f"target among the candidates: {teacher['target_in_candidates']:.1%}; parse failures: "
+                      f"{teacher['parse_failure_rate']:.1%} (repaired {teacher['repaired_rate']:.1%}); most common "
+                      f"top-1 position holds {teacher['top1_most_common_share']:.1%} of first choices "
+                      f"(uniform {1 / teacher['k']:.1%}). Students score training prefixes here (in-sample).")
+
+
+def evaluate(
+    prepared: Annotated[Path, typer.Option(help="Folder written by `gedistill prepare`.")] = Path("data/prepared"),
+    baseline: Annotated[Path, typer.Option(help="Baseline student checkpoint.")] = Path("data/students/baseline"),
+    distilled: Annotated[Path, typer.Option(help="Distilled student checkpoint.")] = Path("data/students/distilled"),
+    teacher_cache: Annotated[Path | None, typer.Option(help="Teacher store, for the teacher-quality report.")] = None,
+    metrics: Annotated[Path, typer.Option(help="Metrics JSON for DVC.")] = Path("data/metrics/evaluate.json"),
+    plots: Annotated[Path, typer.Option(help="Folder for the PNG plots.")] = Path("data/plots"),
+    masked: Annotated[bool, typer.Option(help="Mask items the user has already seen.")] = False,
+    n_boot: Annotated[int, typer.Option(min=100, help="Bootstrap resamples of the test users.")] = 2000,
+    seed: Annotated[int, typer.Option()] = 0,
+    max_teacher_rows: Annotated[int, typer.Option(min=0, help="Teacher samples to score; 0 = all.")] = 0,
+    threads: Annotated[int, typer.Option(min=0, help="torch threads; 0 = torch's default.")] = 0,
+) -> None:
+    """Compare baseline and distilled students (paired bootstrap CIs) and report the teacher's own quality."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    data = load_prepared(prepared)
+    names = ("baseline", "distilled")
+    (mb, meta_b), (md, meta_d) = _load(baseline, data), _load(distilled, data)
+    models = {"baseline": mb, "distilled": md}
+    diffs = compare_students(models, data, masked, n_boot, seed)
+    teacher = None
+    if teacher_cache is not None:
+        teacher = teacher_quality(teacher_cache, data, models, max_teacher_rows).result()
+    verdicts = {m: d.verdict(*names) for m, d in diffs.items()}
+    out = {
+        "test": {n: {m: (d.mean_a if n == "baseline" else d.mean_b) for m, d in diffs.items()} for n in names},
+        "difference": {m: d.to_dict() for m, d in diffs.items()},
+        "verdict": verdicts,
+        "summary": f"NDCG@10: {verdicts['ndcg@10']} ({diffs['ndcg@10'].diff:+.4f}, 95% CI "
+                   f"[{diffs['ndcg@10'].ci_low:+.4f}, {diffs['ndcg@10'].ci_high:+.4f}])",
+        "settings": {"masked": masked, "n_boot": n_boot, "seed": seed, "baseline": str(baseline),
+                     "distilled": str(distilled), "teacher_cache": str(teacher_cache) if teacher_cache else None},
+    }
+    if teacher is not None:
+        out["teacher"] = teacher
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    metrics.write_text(json.dumps(out, indent=2) + "\n")
+    notes = {n: _describe(m) for n, m in (("baseline", meta_b), ("distilled", meta_d))}
+    pngs = [plot_training({"baseline": _history(baseline), "distilled": _history(distilled)}, plots / "training.png", notes),
+            plot_comparison(diffs, plots / "comparison.png")]
+    if teacher is not None:
+        shares = {n: np.array(teacher[n]["rank_share"]) for n in ("teacher", *names)}
+        pngs.append(plot_teacher(np.array(teacher["top1_position_counts"]), shares, plots / "teacher.png"))
+    _print(diffs, names, teacher, masked)
+    Console().print(f"[bold]{out['summary']}[/bold]")
+    log.info("wrote %s and %s", metrics, ", ".join(str(p) for p in pngs))
