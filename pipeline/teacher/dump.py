@@ -1,0 +1,219 @@
+"""Stage one's loop: teacher samples -> prompts -> backend -> store shards, resumable by shard.
+
+Backend-agnostic: it takes any object with the `Backend` shape (the HF backend, or a fake in tests),
+so this module imports no LLM library.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from pipeline.candidates import read_candidates
+from pipeline.errors import UsageError
+from pipeline.prepared import load_prepared
+from pipeline.store import StoreSpec, StoreWriter
+from pipeline.teacher.identifiers import IdentifierScheme, identifier_token_ids, make_scheme
+from pipeline.teacher.parse import parse_ranking
+from pipeline.teacher.prompt import DECISION_SUFFIX, PromptTemplate, load_template, render_prompt
+
+log = logging.getLogger(__name__)
+
+CandidateOrder = Literal["shuffled", "retriever"]
+
+
+class Backend(Protocol):
+    tokenizer: Any
+    hidden_size: int
+    context_length: int
+
+    @property
+    def dtype_name(self) -> str: ...
+    def run(self, prompts: list[list[int]], ident_ids: list[int], mode: str,
+            progress: Callable[[int], None] | None = None) -> Any: ...
+
+
+@dataclass(frozen=True)
+class DumpConfig:
+    mode: Literal["first-token", "generate"] = "first-token"
+    history_len: int = 10  # most recent items shown; older ones dropped first when over the context
+    max_prompt_tokens: int | None = None  # None: the model's context (minus max_new_tokens in generate mode)
+    identifiers: str = "letters"
+    template: Path | None = None  # None: the packaged rank_prompt.txt
+    candidate_order: CandidateOrder = "shuffled"
+    seed: int = 0
+    h_dec_dtype: Literal["float16", "float32"] = "float16"
+    store_prompt: bool = True
+    max_new_tokens: int | None = None  # generate mode; None: 4 tokens per candidate
+    shard_rows: int = 256
+    num_workers: int = 1
+    worker_index: int = 0
+
+
+@dataclass(frozen=True)
+class DumpInputs:
+    samples: pl.DataFrame  # sample_id, user_idx, position, target, candidates (retriever order)
+    train: list[np.ndarray]
+    titles: list[str]  # indexed by internal item id; 0 is padding
+    prepared_fingerprint: str
+    candidates_fingerprint: str
+    k: int
+
+
+@dataclass(frozen=True)
+class DumpReport:
+    out: Path
+    shards_written: int
+    shards_skipped: int
+    samples: int
+    seconds: float
+    status: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0
+    prompt_tokens: int = 0
+    complete: bool = False
+
+
+def load_inputs(prepared: Path, candidates: Path, limit: int | None = None) -> DumpInputs:
+    data = load_prepared(prepared)
+    frame, meta = read_candidates(candidates)
+    if meta.get("prepared_fingerprint") != data.fingerprint:
+        raise UsageError(f"{candidates} was retrieved from other prepared data than {prepared}; "
+                         f"rerun `gedistill retrieve --prepared {prepared}`")
+    if limit is not None:
+        frame = frame.head(limit)
+    if frame.height == 0:
+        raise UsageError(f"{candidates}: no teacher samples")
+    titles = [""] * (data.n_items + 1)
+    for idx, title in zip(data.items["item_idx"].to_list(), data.items["title"].to_list()):
+        titles[idx] = title
+    return DumpInputs(frame, data.train, titles, data.fingerprint, meta["fingerprint"], int(meta["k"]))
+
+
+def shown_order(sample_id: int, k: int, seed: int, order: CandidateOrder) -> np.ndarray:
+    """Order the teacher sees the K candidates in: a per-sample seeded shuffle, or the retriever's."""
+    if order == "retriever":
+        return np.arange(k)
+    return np.random.default_rng([seed, sample_id]).permutation(k)
+
+
+def store_settings(cfg: DumpConfig, inputs: DumpInputs, teacher: dict[str, Any], template: PromptTemplate,
+                   scheme: IdentifierScheme, max_prompt_tokens: int, max_new_tokens: int | None) -> dict[str, Any]:
+    """Everything that changes the stored rows; its hash is the store's fingerprint."""
+    return {
+        "teacher": teacher, "backend": "hf", "mode": cfg.mode, "template": template.text,
+        "identifiers": {"scheme": scheme.name, "labels": list(scheme.labels)}, "k": inputs.k,
+        "history_len": cfg.history_len, "max_prompt_tokens": max_prompt_tokens, "max_new_tokens": max_new_tokens,
+        "candidate_order": cfg.candidate_order, "seed": cfg.seed, "h_dec_dtype": cfg.h_dec_dtype,
+        "store_prompt": cfg.store_prompt, "prepared_fingerprint": inputs.prepared_fingerprint,
+        "candidates_fingerprint": inputs.candidates_fingerprint, "n_samples": inputs.samples.height,
+        "shard_rows": cfg.shard_rows,
+    }
+
+
+def run_dump(cfg: DumpConfig, inputs: DumpInputs, backend: Backend, teacher: dict[str, Any], out: Path,
+             progress: Callable[[int, int], None] | None = None) -> DumpReport:
+    """Fill `out` with this worker's missing shards; `progress(done, total)` after every batch."""
+    t0 = time.perf_counter()
+    scheme = make_scheme(cfg.identifiers, inputs.k)
+    ident_ids = identifier_token_ids(scheme, backend.tokenizer)
+    open_id = backend.tokenizer.encode(DECISION_SUFFIX, add_special_tokens=False)[0]
+    template = load_template(cfg.template)
+    max_new = (cfg.max_new_tokens or 4 * inputs.k) if cfg.mode == "generate" else None
+    max_prompt = cfg.max_prompt_tokens or backend.context_length - (max_new or 0)
+    settings = store_settings(cfg, inputs, teacher, template, scheme, max_prompt, max_new)
+    spec = StoreSpec(settings, inputs.samples.height, cfg.shard_rows, backend.hidden_size, cfg.h_dec_dtype)
+    writer = StoreWriter(out, spec)
+    pending = writer.pending(cfg.num_workers, cfg.worker_index)
+    mine = len(range(cfg.worker_index, spec.n_shards, cfg.num_workers))
+    total = sum(spec.shard_range(i)[1] - spec.shard_range(i)[0] for i in pending)
+    log.info("%s: %d of this worker's %d shard(s) to compute (%d samples)", out, len(pending), mine, total)
+    status: Counter[str] = Counter()
+    truncated = tokens = done = 0
+    for index in pending:
+        start, stop = spec.shard_range(index)
+        rows = inputs.samples.slice(start, stop - start)
+        prompts, shown = _render(rows, inputs, cfg, backend.tokenizer, template, scheme, max_prompt, open_id)
+
+        def tick(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress:
+                progress(done, total)
+
+        result = backend.run([p.input_ids for p in prompts], ident_ids, cfg.mode, progress=tick)
+        table, st = _table(rows, prompts, shown, result, scheme, cfg)
+        writer.write_shard(index, table)
+        status.update(st)
+        truncated += sum(p.truncated for p in prompts)
+        tokens += sum(len(p.input_ids) for p in prompts)
+    manifest = writer.write_manifest(extra={"backend_dtype": backend.dtype_name})
+    return DumpReport(out, len(pending), mine - len(pending), total, time.perf_counter() - t0,
+                      dict(status), truncated, tokens, manifest["complete"])
+
+
+def _render(rows: pl.DataFrame, inputs: DumpInputs, cfg: DumpConfig, tokenizer: Any, template: PromptTemplate,
+            scheme: IdentifierScheme, max_prompt: int, open_id: int) -> tuple[list[Any], list[np.ndarray]]:
+    prompts, shown = [], []
+    for sid, u, pos, cands in zip(rows["sample_id"].to_list(), rows["user_idx"].to_list(),
+                                  rows["position"].to_list(), rows["candidates"].to_list()):
+        cands = np.asarray(cands, dtype=np.int32)
+        order = cands[shown_order(sid, len(cands), cfg.seed, cfg.candidate_order)]
+        hist = inputs.train[u][:pos][-cfg.history_len:] if cfg.history_len > 0 else []
+        prompts.append(render_prompt(template, tokenizer, [inputs.titles[i] for i in hist],
+                                     [inputs.titles[i] for i in order], scheme, max_prompt, open_id))
+        shown.append(order)
+    return prompts, shown
+
+
+def _table(rows: pl.DataFrame, prompts: list[Any], shown: list[np.ndarray], result: Any, scheme: IdentifierScheme,
+           cfg: DumpConfig) -> tuple[pa.Table, Counter[str]]:
+    n = rows.height
+    h = np.asarray(result.h_dec, dtype=np.float32)
+    if not np.isfinite(h).all():
+        raise RuntimeError("the teacher returned non-finite decision states; try --dtype float32")
+    h = h.astype(np.float16 if cfg.h_dec_dtype == "float16" else np.float32)
+    if not np.isfinite(h).all():
+        raise RuntimeError("h_dec overflows float16 for this teacher; use --h-dec-dtype float32")
+    scores = np.asarray(result.scores, dtype=np.float32)
+    status: Counter[str] = Counter()
+    rankings, generated, statuses = [], [], []
+    for j in range(n):
+        if cfg.mode == "generate":
+            text = DECISION_SUFFIX + result.generated[j]  # the answer as the model wrote it, from its '['
+            parsed = parse_ranking(text, scheme.labels)
+            rankings.append(list(parsed.ranking))
+            statuses.append(parsed.status)
+            generated.append(text)
+        else:
+            rankings.append(np.argsort(-scores[j], kind="stable").tolist())
+            statuses.append("ok")
+            generated.append(None)
+    status.update(statuses)
+    if status["failed"]:
+        log.warning("%d of %d answers could not be parsed (ranking kept in shown order, status 'failed')",
+                    status["failed"], n)
+    table = pa.table({
+        "sample_id": rows["sample_id"].to_arrow().cast(pa.int64()),
+        "user_idx": rows["user_idx"].to_arrow().cast(pa.int32()),
+        "position": rows["position"].to_arrow().cast(pa.int32()),
+        "target": rows["target"].to_arrow().cast(pa.int32()),
+        "candidates": pa.array([o.tolist() for o in shown], pa.list_(pa.int32())),
+        "ranking": pa.array(rankings, pa.list_(pa.int16())),
+        "scores": pa.array(list(scores), pa.list_(pa.float32())),
+        "h_dec": pa.FixedSizeListArray.from_arrays(pa.array(h.reshape(-1)), h.shape[1]),
+        "status": pa.array(statuses, pa.string()),
+        "prompt_tokens": pa.array([len(p.input_ids) for p in prompts], pa.int32()),
+        "truncated": pa.array([p.truncated for p in prompts], pa.bool_()),
+        "prompt": pa.array([p.text if cfg.store_prompt else None for p in prompts], pa.string()),
+        "generated": pa.array(generated, pa.string()),
+    })
+    return table, status

