@@ -202,6 +202,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--workdir", default="/tmp/recbole_ref",
                     help="scratch folder for RecBole's log/, log_tensorboard/ and checkpoint")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue a stopped run from its last best checkpoint (named in the "
+                         "progress JSON, else the newest in WORKDIR/saved); epochs after that "
+                         "best are run again, with fresh dropout draws")
     ap.add_argument("--split-only", type=Path, metavar="JSON",
                     help="only write the split facts (seconds, no training) to this file")
     args = ap.parse_args()
@@ -237,6 +241,26 @@ def main() -> None:
                f"--threads {args.threads} --epochs {args.epochs} "
                f"--stopping-step {args.stopping_step} --seed {args.seed}")
     orig_train, orig_valid = trainer._train_epoch, trainer._valid_epoch
+    resumed_at: list[int] = []
+    if args.resume:
+        prev = json.loads(progress.read_text()) if progress.is_file() else {}
+        ckpt = prev.get("checkpoint") or max(
+            (str(p) for p in (Path(args.workdir) / "saved").glob("SASRec-*.pth")),
+            key=os.path.getmtime, default=None)
+        if not ckpt or not Path(ckpt).is_file():
+            sys.exit(f"--resume: no checkpoint found (progress file {progress}, "
+                     f"folder {args.workdir}/saved)")
+        trainer.resume_checkpoint(ckpt)  # sets start_epoch = best + 1, cur_step, best score
+        start = trainer.start_epoch
+        valid_results[:] = prev.get("valid_per_epoch", [])[:start]
+        valid_scores[:] = [r["ndcg@10"] for r in valid_results]
+        train_times[:] = prev.get("train_epoch_s", [])[:start]
+        test_at_best.update(prev.get("test_at_best_so_far", {}))
+        resumed_at[:] = prev.get("resumed_at", []) + [start]
+        if len(valid_results) != start:
+            print(f"warning: progress file has {len(valid_results)} of the {start} epochs "
+                  f"before the checkpoint", flush=True)
+        print(f"resumed from {ckpt} at epoch {start}", flush=True)
 
     def timed_train(*a, **k):
         s = time.perf_counter()
@@ -269,6 +293,8 @@ def main() -> None:
         partial = {
             "status": "running",
             "command": command,
+            "checkpoint": str(trainer.saved_model_file),
+            "resumed_at": resumed_at,
             "epochs_done": len(valid_scores),
             "best_epoch_so_far": best,
             "best_valid_so_far": valid_results[best],
@@ -295,6 +321,7 @@ def main() -> None:
         "what": "RecBole 1.2.1 SASRec on MovieLens-100K (RecBole's default sequential protocol)",
         "status": "finished",
         "command": command,
+        "resumed_at_epochs": resumed_at,
         "valid": {k: float(v) for k, v in best_valid_result.items()},
         "test": {k: float(v) for k, v in test_result.items()},
         "best_valid_ndcg@10": float(best_valid_score),

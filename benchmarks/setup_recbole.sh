@@ -15,15 +15,18 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
 fi
 VPY="$VENV/bin/python"
+# pip: quiet, without the local-index "is ignored" notices. After the --no-deps install of
+# recbole, pip lists ray/plotly/thop/tabulate as missing: expected, nothing here imports them.
+pipi() { "$VPY" -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 
 # torch is pinned exactly: the CPU wheel lies on local disk; any other version would pull CUDA.
-"$VPY" -m pip install -q "setuptools<81" wheel
-"$VPY" -m pip install -q "torch==2.13.0"
+pipi "setuptools<81" wheel
+pipi "torch==2.13.0"
 # RecBole itself without its dependency list (it asks for ray<=2.6.3, plotly, thop, ... that
 # only quick_start / hyper-tuning use), then exactly what its data, model, trainer and
 # evaluator modules import. numpy/pandas pins: RecBole 1.2.1 breaks on numpy 2 / pandas >= 2.2.
-"$VPY" -m pip install -q --no-deps "recbole==1.2.1"
-"$VPY" -m pip install -q \
+pipi --no-deps "recbole==1.2.1"
+pipi \
     "torch==2.13.0" \
     "numpy==1.26.4" \
     "pandas==2.1.4" \
