@@ -203,6 +203,8 @@ class StoreWriter:
         table = table.select(schema.names).cast(schema)
         table = table.replace_schema_metadata({META_KEY: canonical_json(self.spec.shard_meta(index)).encode()})
         final = self.path(index)
+        for stale in self.root.glob(f".{final.name}.tmp-*"):  # left by a killed run; shards have one writer
+            stale.unlink(missing_ok=True)
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         pq.write_table(table, tmp, compression="zstd", row_group_size=min(1024, max(1, table.num_rows)))
         os.replace(tmp, final)

@@ -41,19 +41,20 @@ def info(store: Annotated[Path, typer.Argument(exists=True, file_okay=False, hel
     table = Table(title=f"teacher store {store}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
-    teacher = s["teacher"]
+    teacher = s.get("teacher", {})
+    ident = s.get("identifiers", {})
     for key, value in [
-        ("teacher", f"{teacher['name']} ({teacher['revision'][:40]})"),
-        ("hidden size / dtype", f"{teacher['hidden_size']} / {teacher['dtype']}; h_dec stored as {m['h_dec_dtype']}"),
-        ("backend / mode", f"{s['backend']} / {s['mode']}"),
-        ("K / identifiers", f"{s['k']} / {s['identifiers']['scheme']} ({''.join(s['identifiers']['labels'])[:26]})"),
-        ("history / prompt budget", f"{s['history_len']} items / {s['max_prompt_tokens']} tokens"),
-        ("candidate order / seed", f"{s['candidate_order']} / {s['seed']}"),
+        ("teacher", f"{teacher.get('name', '?')} ({str(teacher.get('revision', '?'))[:40]})"),
+        ("hidden size / dtype", f"{m['hidden_size']} / {teacher.get('dtype', '?')}; h_dec stored as {m['h_dec_dtype']}"),
+        ("backend / mode", f"{s.get('backend', '?')} / {s.get('mode', '?')}"),
+        ("K / identifiers", f"{s.get('k', '?')} / {ident.get('scheme', '?')} ({''.join(ident.get('labels', []))[:26]})"),
+        ("history / prompt budget", f"{s.get('history_len', '?')} items / {s.get('max_prompt_tokens', '?')} tokens"),
+        ("candidate order / seed", f"{s.get('candidate_order', '?')} / {s.get('seed', '?')}"),
         ("samples", f"{m['n_samples']:,} ({rows:,} present)"),
         ("shards", f"{len(m['shards'])} of {m['n_shards']} ({'complete' if m['complete'] else 'INCOMPLETE'})"),
         ("parse status", ", ".join(f"{k} {v:,}" for k, v in sorted(status.items())) or "-"),
         ("truncated prompts", f"{truncated:,}"),
-        ("prepared / candidates", f"{s['prepared_fingerprint'][:16]} / {s['candidates_fingerprint'][:16]}"),
+        ("prepared / candidates", f"{str(s.get('prepared_fingerprint'))[:16]} / {str(s.get('candidates_fingerprint'))[:16]}"),
         ("fingerprint", m["fingerprint"]),
         ("schema / tool", f"v{m['schema_version']} / gedistill {m['tool_version']}"),
         ("created / updated", f"{m['created']} / {m['updated']}"),

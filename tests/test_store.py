@@ -88,7 +88,10 @@ def test_resume_after_interruption_gives_same_rows(inputs, tmp_path, monkeypatch
         dump(inputs, tmp_path / "run")
     monkeypatch.setattr(StoreWriter, "write_shard", original)
     assert len(list((tmp_path / "run").glob("*.parquet"))) == 2
+    stale = tmp_path / "run" / ".part-00002-of-00004.parquet.tmp-99999"  # a half-written shard of a killed run
+    stale.write_bytes(b"PAR1 torn")
     report = dump(inputs, tmp_path / "run")
+    assert not stale.exists()
     assert (report.shards_written, report.shards_skipped, report.samples) == (2, 2, 4)
     assert rows(tmp_path / "run").equals(rows(tmp_path / "ref"))
     assert verify_store(tmp_path / "run") == []
