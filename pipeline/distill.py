@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from torch import Tensor, nn
 
@@ -55,9 +56,12 @@ class DistillConfig:
     gamma_agreement: float = 0.0
     position_beta: float = 5.0
     agreement_k: int = 5
-    teacher_batch_size: int = 64
+    teacher_batch_size: int = 32  # per optimizer step; 32 keeps a distilled epoch under 1.3x a baseline one
     buffer_rows: int = 4096
     skip_failed: bool = True  # rows whose ranking could not be parsed are left out
+    # subtract each identifier position's mean score over the store, then re-rank: removes the
+    # teacher's position bias (DESIGN.md point 10: the embedded teacher says [A] almost always)
+    calibrate: bool = False
     init: Literal["scratch", "baseline"] = "scratch"  # handled by the stage
     seed: int = 0
 
@@ -91,6 +95,7 @@ class DistillObjective:
             bound = 1.0 / math.sqrt(self.teacher_width)
             self.projector.weight.uniform_(-bound, bound, generator=g)
             self.projector.bias.uniform_(-bound, bound, generator=g)
+        self.position_mean = position_mean_scores(shards) if cfg.calibrate else None
         self.stream = TeacherStream(
             shards, cfg.teacher_batch_size, buffer_rows=cfg.buffer_rows, seed=cfg.seed, skip_failed=cfg.skip_failed
         )
@@ -122,6 +127,9 @@ class DistillObjective:
         cands = torch.from_numpy(b.candidates).to(device)  # [B, K]
         ranks = ranks_from_ranking(torch.from_numpy(b.ranking).to(device))  # [B, K]
         scores = torch.from_numpy(b.scores).to(device) if b.scores.shape[1] else None
+        if self.position_mean is not None:
+            scores = scores - torch.from_numpy(self.position_mean).to(device)
+            ranks = ranks_from_ranking(scores.argsort(dim=1, descending=True))
         h = torch.from_numpy(b.h_dec.astype(np.float32, copy=False)).to(device)  # [B, H]
 
         u = model.user_embedding(seqs)  # [B, D]
@@ -146,18 +154,41 @@ class DistillObjective:
         logs["l_emb"] = float(l_emb.detach())
         logs["u_norm"] = float(u.detach().norm(dim=1).mean())
         logs["proj_norm"] = float(proj.detach().norm(dim=1).mean())
+        # spread across users (mean per-feature std): a collapse to one shared vector keeps the
+        # norms but drives this to 0; SASRec's final LayerNorm keeps ||u_sas|| from shrinking alone
+        logs["u_spread"] = float(u.detach().std(dim=0).mean())
+        logs["proj_spread"] = float(proj.detach().std(dim=0).mean())
         for k, v in logs.items():
             self._sums[k] += v
         self._steps += 1
         return total, logs
 
     def end_epoch(self) -> dict[str, float]:
-        """Means since the last call: l_rank, l_emb, u_norm (||u_sas||), proj_norm (||W_p h_dec||)."""
+        """Means since the last call: l_rank, l_emb, u_norm (||u_sas||), proj_norm (||W_p h_dec||), spreads."""
         out = {k: v / max(1, self._steps) for k, v in self._sums.items()}
         out["teacher_passes"] = float(self.stream.passes)
         self._sums.clear()
         self._steps = 0
         return out
+
+
+def position_mean_scores(shards: list[Path]) -> np.ndarray:
+    """[K] mean identifier score per position shown, over the whole store (streams the scores column)."""
+    total, n = None, 0
+    for path in shards:
+        for rb in pq.ParquetFile(path).iter_batches(batch_size=8192, columns=["scores", "status"]):
+            ok = np.asarray(rb.column("status").to_pylist(), dtype=object) != "failed"
+            s = _scores_matrix(rb)[ok]
+            total = s.sum(axis=0) if total is None else total + s.sum(axis=0)
+            n += len(s)
+    if not n:
+        raise UsageError("--calibrate needs identifier scores, and the store has no usable rows")
+    return (total / n).astype(np.float32)
+
+
+def _scores_matrix(rb) -> np.ndarray:
+    col = rb.column("scores")  # list<float32>, K per row
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(rb.num_rows, -1).astype(np.float64)
 
 
 def open_teacher_store(root: Path, prepared: Prepared, candidates: Path | None = None) -> StoreInfo:

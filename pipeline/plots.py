@@ -38,10 +38,13 @@ def plot_training(histories: dict[str, list[dict]], path: Path, notes: dict[str,
         if "u_norm" in rows[0]:
             ax_norm.plot(ep, [r["u_norm"] for r in rows], "-", color=c, label=f"{name} ||u_sas||")
             ax_norm.plot(ep, [r["proj_norm"] for r in rows], "--", color=c, label=f"{name} ||W_p(h_dec)||")
+            if "u_spread" in rows[0]:  # per-feature std across users: 0 = every user gets one vector
+                ax_norm.plot(ep, [r["u_spread"] for r in rows], ":", color=c, label=f"{name} spread of u_sas (std/feature)")
+                ax_norm.plot(ep, [r["proj_spread"] for r in rows], "-.", color=c, label=f"{name} spread of W_p(h_dec)")
             ax_emb.plot(ep, [r["l_emb"] for r in rows], "-", color=c, label=f"{label} L_emb")
     ax_loss.set(title="training losses (per-step mean)", xlabel="epoch")
     ax_valid.set(title="validation NDCG@10", xlabel="epoch")
-    ax_norm.set(title="collapse check: mean norms", xlabel="epoch", ylim=(0, None))
+    ax_norm.set(title="collapse check: mean norms and spread across users", xlabel="epoch", ylim=(0, None))
     ax_emb.set(title="embedding loss", xlabel="epoch", ylim=(0, None))
     for ax in axes.flat:
         ax.grid(alpha=0.3)

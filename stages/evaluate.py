@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.checkpoint import load_student
+from pipeline.distill import position_mean_scores
 from pipeline.errors import UsageError
 from pipeline.metrics import DEFAULT_METRICS, per_user
 from pipeline.plots import plot_comparison, plot_teacher, plot_training
@@ -67,8 +68,10 @@ def teacher_quality(store: Path, prepared: Prepared, models: dict[str, SASRec], 
     info = open_store(store, checksums=True)
     if info.settings.get("prepared_fingerprint") != prepared.fingerprint:
         raise UsageError(f"{store} was made from other prepared data than the students were trained on")
-    acc = TeacherQuality(int(info.k), tuple(models))
-    cols = ["user_idx", "position", "target", "candidates", "ranking", "status"]
+    # the teacher's scores minus each identifier position's mean: its ranking without position bias
+    calib = position_mean_scores(list(info.shard_paths))
+    acc = TeacherQuality(int(info.k), ("teacher_calibrated", *models))
+    cols = ["user_idx", "position", "target", "candidates", "ranking", "scores", "status"]
     seen = 0
     for rb in iter_batches(info, columns=cols, batch_rows=1024):
         if max_rows and seen >= max_rows:
@@ -80,7 +83,7 @@ def teacher_quality(store: Path, prepared: Prepared, models: dict[str, SASRec], 
         ranking = rb.column("ranking").flatten().to_numpy(zero_copy_only=False).reshape(n, k).astype(np.int64)
         users = rb.column("user_idx").to_numpy(zero_copy_only=False)
         pos = rb.column("position").to_numpy(zero_copy_only=False)
-        scores = {}
+        scores = {"teacher_calibrated": rb.column("scores").flatten().to_numpy(zero_copy_only=False).reshape(n, k) - calib}
         for name, model in models.items():
             model.eval()
             seqs = left_pad([prepared.train[u][:p] for u, p in zip(users, pos)], model.config.max_len)
@@ -105,7 +108,7 @@ def _print(diffs: dict[str, PairedDiff], names: tuple[str, str], teacher: dict |
         tt = Table(title=f"teacher on its own candidate sets ({teacher['samples']:,} samples, K={teacher['k']})")
         for col in ("ranker", "NDCG@K (target present)", "HR@1", "mean rank"):
             tt.add_column(col, justify="left" if col == "ranker" else "right")
-        for name in ("teacher", a, b):
+        for name in ("teacher", "teacher_calibrated", a, b):
             r = teacher[name]
             tt.add_row(name, f"{r['ndcg@k_where_present']:.4f}", f"{r['hr@1_where_present']:.4f}",
                        f"{r['mean_rank_where_present']:.2f}")
@@ -159,7 +162,7 @@ def evaluate(
     pngs = [plot_training({"baseline": _history(baseline), "distilled": _history(distilled)}, plots / "training.png", notes),
             plot_comparison(diffs, plots / "comparison.png")]
     if teacher is not None:
-        shares = {n: np.array(teacher[n]["rank_share"]) for n in ("teacher", *names)}
+        shares = {n: np.array(teacher[n]["rank_share"]) for n in ("teacher", "teacher_calibrated", *names)}
         pngs.append(plot_teacher(np.array(teacher["top1_position_counts"]), shares, plots / "teacher.png"))
     _print(diffs, names, teacher, masked)
     Console().print(f"[bold]{out['summary']}[/bold]")

@@ -79,7 +79,8 @@ def student_train(
     gamma_position: Annotated[float, typer.Option(min=0.0, max=1.0, help="DLLM2Rec rank-position weighting (0 = off).")] = 0.0,
     gamma_confidence: Annotated[float, typer.Option(min=0.0, max=1.0, help="DLLM2Rec teacher-confidence weighting (0 = off).")] = 0.0,
     gamma_agreement: Annotated[float, typer.Option(min=0.0, max=1.0, help="DLLM2Rec teacher-student agreement weighting (0 = off).")] = 0.0,
-    teacher_batch_size: Annotated[int, typer.Option(min=2, help="Teacher samples drawn per optimizer step.")] = 64,
+    calibrate: Annotated[bool, typer.Option(help="Remove the teacher's position bias: subtract each identifier position's mean score, re-rank.")] = False,
+    teacher_batch_size: Annotated[int, typer.Option(min=2, help="Teacher samples drawn per optimizer step.")] = 32,
     buffer_rows: Annotated[int, typer.Option(min=2, help="Shuffle buffer over the store, in rows (bounds memory).")] = 4096,
     init: Annotated[str, typer.Option(help="scratch, or baseline: start from --baseline's weights.")] = "scratch",
     baseline: Annotated[Path, typer.Option(help="Baseline checkpoint for --init baseline.")] = Path("data/students/baseline"),
@@ -120,7 +121,10 @@ def student_train(
         dcfg = DistillConfig(w_rank=w_rank, lambda_emb=lambda_emb, emb_loss=emb_loss, target=teacher_target,  # type: ignore[arg-type]
                              temperature=teacher_temperature, gamma_position=gamma_position,
                              gamma_confidence=gamma_confidence, gamma_agreement=gamma_agreement,
-                             teacher_batch_size=teacher_batch_size, buffer_rows=buffer_rows, init=init, seed=seed)  # type: ignore[arg-type]
+                             calibrate=calibrate, teacher_batch_size=teacher_batch_size, buffer_rows=buffer_rows,
+                             init=init, seed=seed)  # type: ignore[arg-type]
+        if w_rec == 0 and w_rank == 0 and lambda_emb == 0:
+            raise typer.BadParameter("--w-rec, --w-rank and --lambda-emb are all 0: nothing to train")
         default_cands = Path("data/candidates/candidates.parquet")
         store = open_teacher_store(teacher_cache, data, candidates or (default_cands if default_cands.is_file() else None))
         if init == "baseline":

@@ -293,3 +293,20 @@ def test_transfer_proof_oracle_teacher_helps_and_shuffled_teacher_does_not(tmp_p
         shuffled = paired_bootstrap(base[metric], results["shuffled"][metric], n_boot=1000, seed=0)
         assert not (shuffled.significant and shuffled.diff > 0), (metric, shuffled)
         assert shuffled.diff < 0.01, (metric, shuffled)
+
+
+def test_calibration_removes_a_position_bias(tmp_path):
+    from pipeline.distill import position_mean_scores
+
+    train = _toy_train(n_users=60, length=10)
+    cols = teacher_rows(train, 50, k=6, width=4, last_m=5)  # oracle: target ranked first
+    bias = np.array([8.0, 4.0, 0.0, 0.0, 0.0, 0.0], np.float32)
+    true_top = [int(r[0]) for r in cols["ranking"]]
+    cols["scores"] = [(np.array(s) + bias).tolist() for s in cols["scores"]]
+    shards = write_store(tmp_path, cols, shards=2, row_group_rows=50)
+    scores = np.array(cols["scores"])
+    assert (scores.argmax(1) == 0).mean() > 0.7  # biased: mostly the first identifier
+    mean = position_mean_scores(shards)
+    assert np.allclose(mean, scores.mean(0), atol=1e-5)
+    calibrated = scores - mean
+    assert (calibrated.argmax(1) == np.array(true_top)).mean() > 0.95

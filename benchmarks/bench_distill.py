@@ -1,0 +1,305 @@
+"""Distilled vs baseline training: seconds per epoch side by side, and peak memory as the store grows.
+
+    .venv/bin/python benchmarks/bench_distill.py --threads 1 --epochs 3
+
+Data: the prepared MovieLens-100K (`--prepared`, default data/prepared; run `gedistill prepare`
+first). Teacher stores are synthetic but contract-shaped (written with pipeline.store's writer):
+random candidates holding the target, a random ranking and scores, random h_dec rows.
+
+1. Epoch time. `pipeline.train.fit` with the project defaults (hidden 64, 2 blocks, max length
+   50, full-softmax CE, batch 64 windows), baseline and distilled alternating in fresh child
+   processes, `--epochs` epochs each; a side's figure is the median of `history[].train_seconds`
+   (validation excluded). The distilled store: the last `--last-m` training positions of every
+   user, K=20, h_dec width `--width` (576 = the default teacher) in float16.
+   Also, in one child, `--steps` baseline and distilled optimizer steps interleaved (the same
+   batches' cost, so machine load hits both sides alike): the ratio of median step times.
+2. Peak memory. One child per store size (`--factors`, default 1, 4, 16 times `--mem-rows`
+   rows of width `--mem-width`, default 4096 = a 7B teacher), each training the distilled
+   objective (SASRec forward/backward + projector, Adam) until the stream has read the whole
+   store once. Peak RSS (`getrusage().ru_maxrss`) per child; the goal is flat.
+
+Each child sets torch threads; the parent records the machine's load average around each child
+(DESIGN.md point 11: on a shared 2-core machine, threads fight). Results go to
+benchmarks/results/bench_distill.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+MARK = "BENCH_JSON "
+sys.path.insert(0, str(REPO))
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(n)
+    except RuntimeError:
+        pass
+
+
+def write_synthetic_store(root: Path, prepared_dir: Path, *, last_m: int, repeat: int, width: int,
+                          k: int = 20, shard_rows: int = 8192, seed: int = 0) -> dict:
+    """Samples = the last `last_m` training positions per user, repeated `repeat` times; written shard by shard."""
+    import pyarrow as pa
+
+    from pipeline.prepared import load_prepared
+    from pipeline.store import StoreSpec, StoreWriter
+
+    data = load_prepared(prepared_dir)
+    rng = np.random.default_rng(seed)
+    users, pos = [], []
+    for u, s in enumerate(data.train):
+        for p in range(max(1, len(s) - last_m), len(s)):
+            users.append(u)
+            pos.append(p)
+    users = np.tile(np.array(users, np.int64), repeat)
+    pos = np.tile(np.array(pos, np.int64), repeat)
+    n = len(users)
+    settings = {"k": k, "prepared_fingerprint": data.fingerprint, "candidates_fingerprint": "synthetic-benchmark",
+                "teacher": {"name": "synthetic", "hidden_size": width}}
+    spec = StoreSpec(settings, n, shard_rows, width, "float16")
+    writer = StoreWriter(root, spec)
+    for i in range(spec.n_shards):
+        a, b = spec.shard_range(i)
+        m = b - a
+        target = np.array([data.train[u][p] for u, p in zip(users[a:b], pos[a:b])], np.int32)
+        cands = rng.integers(1, data.n_items + 1, size=(m, k)).astype(np.int32)
+        cands[np.arange(m), rng.integers(0, k, size=m)] = target
+        ranking = np.argsort(rng.random((m, k)), axis=1).astype(np.int16)
+        h = rng.standard_normal((m, width), dtype=np.float32).astype(np.float16)
+        table = pa.table({
+            "sample_id": pa.array(np.arange(a, b), pa.int64()),
+            "user_idx": pa.array(users[a:b], pa.int32()),
+            "position": pa.array(pos[a:b], pa.int32()),
+            "target": pa.array(target, pa.int32()),
+            "candidates": pa.FixedSizeListArray.from_arrays(pa.array(cands.reshape(-1)), k).cast(pa.list_(pa.int32())),
+            "ranking": pa.FixedSizeListArray.from_arrays(pa.array(ranking.reshape(-1)), k).cast(pa.list_(pa.int16())),
+            "scores": pa.FixedSizeListArray.from_arrays(pa.array(rng.standard_normal(m * k).astype(np.float32)), k)
+                .cast(pa.list_(pa.float32())),
+            "h_dec": pa.FixedSizeListArray.from_arrays(pa.array(h.reshape(-1), pa.float16()), width),
+            "status": pa.array(["ok"] * m, pa.string()),
+            "prompt_tokens": pa.array(np.full(m, 400, np.int32)),
+            "truncated": pa.array(np.zeros(m, bool)),
+            "prompt": pa.array([None] * m, pa.string()),
+            "generated": pa.array([None] * m, pa.string()),
+        })
+        writer.write_shard(i, table)
+        del table, h
+    writer.write_manifest()
+    size = sum(p.stat().st_size for p in root.glob("part-*.parquet"))
+    return {"rows": n, "width": width, "bytes_on_disk": size, "h_dec_bytes": n * width * 2}
+
+
+# ---------------------------------------------------------------- children
+def child_epochs(a: argparse.Namespace) -> dict:
+    import torch
+
+    from pipeline.distill import DistillConfig, DistillObjective, open_teacher_store
+    from pipeline.prepared import load_prepared
+    from pipeline.sasrec import SASRec, SasrecConfig
+    from pipeline.train import TrainConfig, fit
+
+    _threads(a.threads)
+    data = load_prepared(a.prepared)
+    mcfg = SasrecConfig(n_items=data.n_items)
+    tcfg = TrainConfig(epochs=a.epochs, patience=a.epochs + 1, seed=a.seed)
+    torch.manual_seed(a.seed)
+    model = SASRec(mcfg)
+    objective = None
+    if a.child == "distilled":
+        info = open_teacher_store(a.store, data)
+        dcfg = DistillConfig(teacher_batch_size=a.teacher_batch_size, emb_loss="cosine")
+        objective = DistillObjective(dcfg, data, list(info.shard_paths), mcfg.hidden, mcfg.max_len)
+    result = fit(model, data, tcfg, objective=objective, show_progress=False)
+    return {"side": a.child, "epoch_s": [float(r["train_seconds"]) for r in result.history],
+            "teacher_batch_size": a.teacher_batch_size if objective else None,
+            "peak_rss_mib": _peak_rss_mib(), "threads": torch.get_num_threads()}
+
+
+def child_steps(a: argparse.Namespace) -> dict:
+    """Baseline and distilled optimizer steps interleaved in one process: load hits both alike."""
+    import torch
+
+    from pipeline.distill import DistillConfig, DistillObjective, open_teacher_store
+    from pipeline.prepared import load_prepared
+    from pipeline.sasrec import SASRec, SasrecConfig
+    from pipeline.sequences import training_windows
+    from pipeline.train import TrainConfig, next_item_loss
+
+    _threads(a.threads)
+    data = load_prepared(a.prepared)
+    mcfg, tcfg = SasrecConfig(n_items=data.n_items), TrainConfig()
+    torch.manual_seed(a.seed)
+    model = SASRec(mcfg).train()
+    obj = DistillObjective(DistillConfig(teacher_batch_size=a.teacher_batch_size), data,
+                           list(open_teacher_store(a.store, data).shard_paths), mcfg.hidden, mcfg.max_len)
+    opt = torch.optim.Adam(list(model.parameters()) + list(obj.parameters()), lr=1e-3)
+    X, Y = (torch.from_numpy(x) for x in training_windows(data.train, mcfg.max_len))
+    gen = torch.Generator().manual_seed(a.seed)
+    times: dict[str, list[float]] = {"baseline": [], "distilled": []}
+    for i in range(a.steps + 3):
+        for side in ("baseline", "distilled"):
+            idx = torch.randint(0, len(X), (tcfg.batch_size,), generator=gen)
+            t0 = time.perf_counter()
+            loss = next_item_loss(model, X[idx], Y[idx], "ce", 1, gen)
+            if side == "distilled":
+                loss = loss + obj.loss(model, i)[0]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if i >= 3:  # warm-up steps are not counted
+                times[side].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"median_step_s": med, "ratio_distilled_over_baseline": med["distilled"] / med["baseline"],
+            "steps": a.steps, "steps_per_epoch": (len(X) + tcfg.batch_size - 1) // tcfg.batch_size,
+            "threads": torch.get_num_threads()}
+
+
+def child_memory(a: argparse.Namespace) -> dict:
+    import torch
+
+    from pipeline.distill import DistillConfig, DistillObjective, open_teacher_store
+    from pipeline.prepared import load_prepared
+    from pipeline.sasrec import SASRec, SasrecConfig
+
+    _threads(a.threads)
+    data = load_prepared(a.prepared)
+    rss0 = _peak_rss_mib()
+    info = open_teacher_store(a.store, data)  # verifies every shard's sha256 (a streaming read)
+    mcfg = SasrecConfig(n_items=data.n_items)
+    torch.manual_seed(a.seed)
+    model = SASRec(mcfg)
+    dcfg = DistillConfig(teacher_batch_size=a.teacher_batch_size, buffer_rows=a.buffer_rows, emb_loss="cosine")
+    obj = DistillObjective(dcfg, data, list(info.shard_paths), mcfg.hidden, mcfg.max_len)
+    opt = torch.optim.Adam(list(model.parameters()) + list(obj.parameters()), lr=1e-3)
+    t0, steps = time.perf_counter(), 0
+    while obj.stream.passes < 1:  # until the whole store has been read once
+        loss, _ = obj.loss(model, steps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        steps += 1
+    return {"rows": info.n_rows, "rows_read": obj.stream.rows_read, "steps": steps,
+            "seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_rss_mib(),
+            "peak_rss_before_store_mib": rss0, "buffer_rows": a.buffer_rows, "threads": torch.get_num_threads()}
+
+
+# ---------------------------------------------------------------- parent
+def run_child(args: list[str], threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               GEDISTILL_NO_PROGRESS="1", PYTHONWARNINGS="ignore")
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], cwd=REPO, env=env,
+                       stdout=subprocess.PIPE, text=True, timeout=3600)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith(MARK)]
+    if p.returncode != 0 or not lines:
+        raise SystemExit(f"child failed (exit {p.returncode}): {args}\n{p.stdout[-2000:]}")
+    d = json.loads(lines[-1][len(MARK):])
+    d.update(wall_s=time.perf_counter() - t0, load_before=load0, load_after=os.getloadavg()[0])
+    return d
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prepared", type=Path, default=REPO / "data" / "prepared")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2, help="baseline/distilled alternations")
+    ap.add_argument("--seed", type=int, default=2020)
+    ap.add_argument("--last-m", type=int, default=5, help="teacher samples per user for the timing store")
+    ap.add_argument("--width", type=int, default=576, help="h_dec width for the timing store")
+    ap.add_argument("--teacher-batch-size", type=int, default=32)
+    ap.add_argument("--mem-rows-m", type=int, default=5, help="per-user samples of the 1x memory store")
+    ap.add_argument("--mem-width", type=int, default=4096)
+    ap.add_argument("--buffer-rows", type=int, default=4096)
+    ap.add_argument("--factors", default="1,4,16")
+    ap.add_argument("--parts", default="epochs,steps,memory")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "bench_distill.json")
+    ap.add_argument("--steps", type=int, default=40, help="interleaved steps per side (part 'steps')")
+    ap.add_argument("--child", choices=["baseline", "distilled", "memory", "steps"], help=argparse.SUPPRESS)
+    ap.add_argument("--store", type=Path, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        fn = {"memory": child_memory, "steps": child_steps}.get(a.child, child_epochs)
+        print(MARK + json.dumps(fn(a)), flush=True)
+        return
+
+    work = Path(tempfile.mkdtemp(prefix="bench_distill_"))
+    common = ["--prepared", str(a.prepared), "--threads", str(a.threads), "--seed", str(a.seed),
+              "--teacher-batch-size", str(a.teacher_batch_size)]
+    res: dict = {"command": "python benchmarks/bench_distill.py " + " ".join(sys.argv[1:]),
+                 "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                 "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "threads": a.threads}
+    try:
+        if "epochs" in a.parts:
+            store = work / "timing"
+            res["timing_store"] = write_synthetic_store(store, a.prepared, last_m=a.last_m, repeat=1, width=a.width)
+            runs: dict[str, list] = {"baseline": [], "distilled": []}
+            for r in range(a.rounds):
+                for side in ("baseline", "distilled"):
+                    print(f"[bench] {side} round {r}, load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
+                    runs[side].append(run_child(["--child", side, "--store", str(store), "--epochs", str(a.epochs), *common],
+                                                a.threads))
+            med = {s: statistics.median([t for d in v for t in d["epoch_s"]]) for s, v in runs.items()}
+            res["epochs"] = {"runs": runs, "median_epoch_s": med, "ratio_distilled_over_baseline": med["distilled"] / med["baseline"]}
+        if "steps" in a.parts:
+            store = work / "timing"
+            if not store.exists():
+                res["timing_store"] = write_synthetic_store(store, a.prepared, last_m=a.last_m, repeat=1, width=a.width)
+            print(f"[bench] interleaved steps, load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
+            res["steps"] = run_child(["--child", "steps", "--store", str(store), "--steps", str(a.steps), *common], a.threads)
+        if "memory" in a.parts:
+            res["memory"] = []
+            for f in [int(x) for x in a.factors.split(",")]:
+                store = work / f"mem{f}"
+                info = write_synthetic_store(store, a.prepared, last_m=a.mem_rows_m, repeat=f, width=a.mem_width)
+                print(f"[bench] memory {f}x: {info['rows']} rows, {info['bytes_on_disk'] / 2**20:.0f} MiB, "
+                      f"load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
+                d = run_child(["--child", "memory", "--store", str(store), "--buffer-rows", str(a.buffer_rows), *common],
+                              a.threads)
+                res["memory"].append({"factor": f, **info, **d})
+                shutil.rmtree(store)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(res, indent=2) + "\n")
+    if "epochs" in res:
+        e = res["epochs"]
+        print(f"epoch time (median s): baseline {e['median_epoch_s']['baseline']:.2f}, distilled "
+              f"{e['median_epoch_s']['distilled']:.2f}, ratio {e['ratio_distilled_over_baseline']:.3f} (goal < 1.3)")
+    if "steps" in res:
+        st = res["steps"]
+        print(f"interleaved steps (median s): baseline {st['median_step_s']['baseline']:.3f}, distilled "
+              f"{st['median_step_s']['distilled']:.3f}, ratio {st['ratio_distilled_over_baseline']:.3f} (goal < 1.3)")
+    for m in res.get("memory", []):
+        print(f"store {m['factor']:>2}x: {m['rows']:>7} rows x {m['width']} fp16 = {m['h_dec_bytes'] / 2**20:7.0f} MiB h_dec; "
+              f"peak RSS {m['peak_rss_mib']:.0f} MiB; one pass {m['seconds']:.1f}s ({m['steps']} steps)")
+    print(f"threads {a.threads}; wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
