@@ -104,7 +104,7 @@ def test_generate_mode_keeps_the_same_decision_state(teacher, dumped):
     assert verify_store(root / "gen") == []
 
 
-def test_cli_teacher_dump_and_cache(dumped, tmp_path: Path):
+def test_cli_teacher_dump_and_cache(tmp_path: Path):
     from stages.cli import app
 
     prepared, candidates = make_inputs(tmp_path / "in", n_users=2, per_user=1)
@@ -120,3 +120,17 @@ def test_cli_teacher_dump_and_cache(dumped, tmp_path: Path):
     assert verified.exit_code == 0 and "OK" in verified.output
     df = pl.read_parquet(out / "*.parquet")
     assert df["h_dec"].dtype == pl.Array(pl.Float16, 576) and df["status"].to_list() == ["ok", "ok"]
+
+
+def test_cli_refuses_a_store_made_with_other_settings(tmp_path: Path, capsys):
+    from stages.cli import main
+
+    prepared, candidates = make_inputs(tmp_path / "in", n_users=2, per_user=1)
+    base = ["teacher-dump", "--prepared", str(prepared), "--candidates", str(candidates), "--out",
+            str(tmp_path / "store"), "--dtype", "float32", "--limit", "1"]
+    main(base)
+    with pytest.raises(SystemExit) as exc:
+        main([*base, "--candidate-order", "retriever"])
+    assert exc.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "candidate_order: stored 'shuffled', now 'retriever'" in err and "another --out" in err
