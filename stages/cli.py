@@ -10,6 +10,8 @@ import typer
 from pipeline.errors import UsageError
 from stages.prepare import prepare
 from stages.retrieve import retrieve
+from stages.cache import app as cache_app
+from stages.teacher_dump import teacher_dump
 from stages.evaluate import evaluate
 from stages.train_student import student_train
 
@@ -19,6 +21,8 @@ app.command("prepare")(prepare)
 app.command("student-train")(student_train)
 app.command("evaluate")(evaluate)
 app.command("retrieve")(retrieve)
+app.command("teacher-dump")(teacher_dump)
+app.add_typer(cache_app, name="cache")
 
 
 @app.callback()
