@@ -1,0 +1,145 @@
+"""Teacher-dump throughput: samples/s and prompt tokens/s per mode, batch size and dtype, with peak
+memory and the fraction of this machine's measured GEMM peak that the prefill reaches.
+
+    python benchmarks/bench_teacher.py --threads 2 --prompts 32 [--candidates data/candidates/candidates.parquet]
+
+Each configuration runs in its own subprocess so its peak RSS is its own. Prompts come from the real
+prepared data (data/prepared) and, when no candidates file is given, 20 random unseen candidates per
+user (the same prompt shape as the retriever's; the teacher does not care where candidates came from).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def gemm_peak(dtype_name: str, threads: int, n: int = 2048, reps: int = 5) -> float:
+    """Best-of-reps GFLOP/s of an n x n x n matmul."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def synth_candidates(prepared: Path, out: Path, k: int = 20, seed: int = 0) -> Path:
+    from pipeline.candidates import write_candidates
+    from pipeline.prepared import load_prepared
+
+    data = load_prepared(prepared)
+    rng = np.random.default_rng(seed)
+    users, pos, tgt, cands = [], [], [], []
+    for u, t in enumerate(data.train):
+        p = len(t) - 1
+        seen = set(t[:p].tolist())
+        pool = np.array([i for i in range(1, data.n_items + 1) if i not in seen])
+        users.append(u), pos.append(p), tgt.append(t[p]), cands.append(rng.choice(pool, k, replace=False))
+    write_candidates(out, np.array(users), np.array(pos), np.array(tgt), np.array(cands),
+                     np.zeros((len(users), k), np.float32),
+                     {"prepared_fingerprint": data.fingerprint, "selection": "last 1 per user (random candidates)"})
+    return out
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    """One configuration, in this process: render prompts, warm up, time the backend."""
+    import torch
+
+    from pipeline.teacher.convert import resolve_teacher
+    from pipeline.teacher.dump import DumpConfig, _render, load_inputs
+    from pipeline.teacher.hf_backend import HFConfig, HFTeacher
+    from pipeline.teacher.identifiers import identifier_token_ids, make_scheme
+    from pipeline.teacher.prompt import load_template
+
+    torch.set_num_threads(args.threads)
+    inputs = load_inputs(args.prepared, args.candidates, limit=args.prompts)
+    teacher = HFTeacher(HFConfig(resolve_teacher("embedded").location, dtype=args.dtype, batch_size=args.batch_size,
+                                 max_new_tokens=args.max_new_tokens))
+    scheme = make_scheme("letters", inputs.k)
+    ident = identifier_token_ids(scheme, teacher.tokenizer)
+    open_id = teacher.tokenizer.encode("[", add_special_tokens=False)[0]
+    prompts, _ = _render(inputs.samples, inputs, DumpConfig(), teacher.tokenizer, load_template(), scheme,
+                         teacher.context_length, open_id)
+    ids = [p.input_ids for p in prompts]
+    teacher.run(ids[: args.batch_size], ident, args.mode)  # warm-up
+    t = time.perf_counter()
+    teacher.run(ids, ident, args.mode)
+    secs = time.perf_counter() - t
+    tokens = sum(len(i) for i in ids)
+    return {"mode": args.mode, "dtype": teacher.dtype_name, "batch_size": args.batch_size, "threads": args.threads,
+            "prompts": len(ids), "mean_prompt_tokens": tokens / len(ids), "seconds": secs,
+            "samples_per_s": len(ids) / secs, "prompt_tok_per_s": tokens / secs,
+            "non_embedding_params": teacher.n_params(non_embedding=True),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prepared", type=Path, default=ROOT / "data/prepared")
+    ap.add_argument("--candidates", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--gen-prompts", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=80)
+    ap.add_argument("--configs", default="first-token:bfloat16:1,first-token:bfloat16:8,first-token:bfloat16:16,"
+                                         "first-token:float32:8,generate:bfloat16:8")
+    ap.add_argument("--json", type=Path, default=None, help="Also write the results here.")
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="first-token", help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default="bfloat16", help=argparse.SUPPRESS)
+    ap.add_argument("--batch-size", type=int, default=8, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args)))
+        return
+    tmp = Path(tempfile.mkdtemp())
+    cands = args.candidates or synth_candidates(args.prepared, tmp / "candidates.parquet")
+    load = os.getloadavg()
+    peaks = {d: gemm_peak(d, args.threads) for d in ("bfloat16", "float32")}
+    print(f"threads {args.threads}, load average {load[0]:.2f}; GEMM peak: "
+          + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in peaks.items()), flush=True)
+    results = []
+    for spec in args.configs.split(","):
+        mode, dtype, bs = spec.split(":")
+        n = args.gen_prompts if mode == "generate" else args.prompts
+        cmd = [sys.executable, __file__, "--one", "--prepared", str(args.prepared), "--candidates", str(cands),
+               "--threads", str(args.threads), "--prompts", str(n), "--mode", mode, "--dtype", dtype,
+               "--batch-size", bs, "--max-new-tokens", str(args.max_new_tokens)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        if out.returncode != 0:
+            print(out.stderr[-2000:], file=sys.stderr)
+            continue
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        if mode == "first-token":  # prefill FLOPs: 2 x non-embedding params x tokens (attention ignored)
+            r["gemm_fraction"] = 2 * r["non_embedding_params"] * r["prompt_tok_per_s"] / (peaks[r["dtype"]] * 1e9)
+        results.append(r)
+        print(f"{mode:11s} {r['dtype']:8s} batch {r['batch_size']:2d}: {r['samples_per_s']:.2f} samples/s, "
+              f"{r['prompt_tok_per_s']:.0f} prompt tok/s ({r['mean_prompt_tokens']:.0f} tok/prompt), "
+              f"peak RSS {r['peak_rss_mib']:.0f} MiB"
+              + (f", {r['gemm_fraction']:.0%} of {r['dtype']} GEMM peak" if "gemm_fraction" in r else ""), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"threads": args.threads, "load_avg_1m": load[0], "gemm_gflops": peaks,
+                                         "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
