@@ -16,7 +16,7 @@ random candidates holding the target, a random ranking and scores, random h_dec 
 2. Peak memory. One child per store size (`--factors`, default 1, 4, 16 times `--mem-rows`
    rows of width `--mem-width`, default 4096 = a 7B teacher), each training the distilled
    objective (SASRec forward/backward + projector, Adam) until the stream has read the whole
-   store once. Peak RSS (`getrusage().ru_maxrss`) per child; the goal is flat.
+   store once. Peak RSS per child (VmHWM); the goal is flat.
 
 Each child sets torch threads; the parent records the machine's load average around each child
 (DESIGN.md point 11: on a shared 2-core machine, threads fight). Results go to
@@ -47,7 +47,13 @@ sys.path.insert(0, str(REPO))
 
 
 def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This process's peak RSS: VmHWM belongs to the process's own address space, whereas
+    getrusage's ru_maxrss survives exec and so would include the parent's RSS at fork time."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _threads(n: int) -> None:

@@ -63,17 +63,22 @@ def compare_students(models: dict[str, SASRec], prepared: Prepared, masked: bool
 
 
 @torch.no_grad()
-def teacher_quality(store: Path, prepared: Prepared, models: dict[str, SASRec], max_rows: int = 0) -> TeacherQuality:
-    """Stream the store; score each sample's candidates with every student (history = train[:position])."""
-    info = open_store(store, checksums=True)
-    if info.settings.get("prepared_fingerprint") != prepared.fingerprint:
-        raise UsageError(f"{store} was made from other prepared data than the students were trained on")
+def teacher_quality(stores: list[Path], prepared: Prepared, models: dict[str, SASRec], max_rows: int = 0) -> TeacherQuality:
+    """Stream the stores; score each sample's candidates with every student (history = train[:position])."""
+    infos = [open_store(st, checksums=True) for st in stores]
+    for st, info in zip(stores, infos):
+        if info.settings.get("prepared_fingerprint") != prepared.fingerprint:
+            raise UsageError(f"{st} was made from other prepared data than the students were trained on")
+    if len({info.k for info in infos}) > 1:
+        raise UsageError("the teacher stores differ in K; evaluate them one at a time")
+    shards = [p for info in infos for p in info.shard_paths]
     # the teacher's scores minus each identifier position's mean: its ranking without position bias
-    calib = position_mean_scores(list(info.shard_paths))
-    acc = TeacherQuality(int(info.k), ("teacher_calibrated", *models))
+    calib = position_mean_scores(shards)
+    acc = TeacherQuality(int(infos[0].k), ("teacher_calibrated", *models))
     cols = ["user_idx", "position", "target", "candidates", "ranking", "scores", "status"]
     seen = 0
-    for rb in iter_batches(info, columns=cols, batch_rows=1024):
+    batches = (rb for info in infos for rb in iter_batches(info, columns=cols, batch_rows=1024))
+    for rb in batches:
         if max_rows and seen >= max_rows:
             break
         rb = rb.slice(0, max_rows - seen) if max_rows else rb
@@ -124,7 +129,7 @@ def evaluate(
     prepared: Annotated[Path, typer.Option(help="Folder written by `gedistill prepare`.")] = Path("data/prepared"),
     baseline: Annotated[Path, typer.Option(help="Baseline student checkpoint.")] = Path("data/students/baseline"),
     distilled: Annotated[Path, typer.Option(help="Distilled student checkpoint.")] = Path("data/students/distilled"),
-    teacher_cache: Annotated[Path | None, typer.Option(help="Teacher store, for the teacher-quality report.")] = None,
+    teacher_cache: Annotated[list[Path] | None, typer.Option(help="Teacher store(s) the student was distilled from, for the teacher-quality report.")] = None,
     metrics: Annotated[Path, typer.Option(help="Metrics JSON for DVC.")] = Path("data/metrics/evaluate.json"),
     plots: Annotated[Path, typer.Option(help="Folder for the PNG plots.")] = Path("data/plots"),
     masked: Annotated[bool, typer.Option(help="Mask items the user has already seen.")] = False,
@@ -142,8 +147,8 @@ def evaluate(
     models = {"baseline": mb, "distilled": md}
     diffs = compare_students(models, data, masked, n_boot, seed)
     teacher = None
-    if teacher_cache is not None:
-        teacher = teacher_quality(teacher_cache, data, models, max_teacher_rows).result()
+    if teacher_cache:
+        teacher = teacher_quality(list(teacher_cache), data, models, max_teacher_rows).result()
     verdicts = {m: d.verdict(*names) for m, d in diffs.items()}
     out = {
         "test": {n: {m: (d.mean_a if n == "baseline" else d.mean_b) for m, d in diffs.items()} for n in names},
@@ -152,7 +157,7 @@ def evaluate(
         "summary": f"NDCG@10: {verdicts['ndcg@10']} ({diffs['ndcg@10'].diff:+.4f}, 95% CI "
                    f"[{diffs['ndcg@10'].ci_low:+.4f}, {diffs['ndcg@10'].ci_high:+.4f}])",
         "settings": {"masked": masked, "n_boot": n_boot, "seed": seed, "baseline": str(baseline),
-                     "distilled": str(distilled), "teacher_cache": str(teacher_cache) if teacher_cache else None},
+                     "distilled": str(distilled), "teacher_cache": [str(p) for p in teacher_cache or []]},
     }
     if teacher is not None:
         out["teacher"] = teacher

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from pipeline.checkpoint import save_student
 from pipeline.distill import DistillConfig, DistillObjective, init_from_baseline, open_teacher_store
+from pipeline.errors import UsageError
 from pipeline.metrics import DEFAULT_METRICS, summarize
 from pipeline.prepared import Prepared, load_prepared
 from pipeline.sasrec import SASRec, SasrecConfig
@@ -68,8 +69,8 @@ def student_train(
     out: Annotated[Path | None, typer.Option(help="Checkpoint folder. Default: data/students/<run-name>.")] = None,
     run_name: Annotated[str | None, typer.Option(help="Names the run's files. Default: 'baseline', or 'distilled' with --teacher-cache.")] = None,
     metrics: Annotated[Path | None, typer.Option(help="Metrics JSON for DVC. Default: data/metrics/<run-name>.json.")] = None,
-    teacher_cache: Annotated[Path | None, typer.Option(help="Teacher store written by `gedistill teacher-dump`; omit for the baseline.")] = None,
-    candidates: Annotated[Path | None, typer.Option(help="Candidates file the store was made from, checked by fingerprint. Default: data/candidates/candidates.parquet when it exists.")] = None,
+    teacher_cache: Annotated[list[Path] | None, typer.Option(help="Teacher store written by `gedistill teacher-dump`; repeat to train on several stores together; omit for the baseline.")] = None,
+    candidates: Annotated[list[Path] | None, typer.Option(help="Candidates file each store was made from (same order), checked by fingerprint. Default, for one store: data/candidates/candidates.parquet when it exists.")] = None,
     w_rec: Annotated[float, typer.Option(min=0.0, help="Weight of the next-item loss; 0 with a teacher = the source method (L_rank + lambda L_emb).")] = 1.0,
     w_rank: Annotated[float, typer.Option(min=0.0, help="Weight of the ListNet loss on the teacher's K candidates.")] = 1.0,
     lambda_emb: Annotated[float, typer.Option(min=0.0, help="Weight of the embedding loss d(W_p(h_dec), u_sas).")] = 1.0,
@@ -106,7 +107,11 @@ def student_train(
     if stride is not None and stride > max_len:
         raise typer.BadParameter(f"--stride {stride} must be at most --max-len {max_len}")
     set_threads(threads)
-    run = run_name or ("distilled" if teacher_cache else "baseline")
+    stores_in = list(teacher_cache or [])
+    cands_in = list(candidates or [])
+    if cands_in and len(cands_in) != len(stores_in):
+        raise typer.BadParameter(f"{len(cands_in)} --candidates for {len(stores_in)} --teacher-cache: give one per store, in order")
+    run = run_name or ("distilled" if stores_in else "baseline")
     out = out or Path("data/students") / run
     metrics_path = metrics or Path("data/metrics") / f"{run}.json"
     data = load_prepared(prepared)
@@ -117,7 +122,7 @@ def student_train(
     torch.manual_seed(seed)
     model = SASRec(cfg)
     objective, dcfg = None, None
-    if teacher_cache is not None:
+    if stores_in:
         dcfg = DistillConfig(w_rank=w_rank, lambda_emb=lambda_emb, emb_loss=emb_loss, target=teacher_target,  # type: ignore[arg-type]
                              temperature=teacher_temperature, gamma_position=gamma_position,
                              gamma_confidence=gamma_confidence, gamma_agreement=gamma_agreement,
@@ -126,18 +131,23 @@ def student_train(
         if w_rec == 0 and w_rank == 0 and lambda_emb == 0:
             raise typer.BadParameter("--w-rec, --w-rank and --lambda-emb are all 0: nothing to train")
         default_cands = Path("data/candidates/candidates.parquet")
-        store = open_teacher_store(teacher_cache, data, candidates or (default_cands if default_cands.is_file() else None))
+        if not cands_in:
+            cands_in = [default_cands if len(stores_in) == 1 and default_cands.is_file() else None] * len(stores_in)
+        stores = [open_teacher_store(st, data, c) for st, c in zip(stores_in, cands_in)]
+        shapes = {(st.hidden_size, st.k) for st in stores}
+        if len(shapes) > 1:
+            raise UsageError(f"the teacher stores differ in (h_dec width, K): {sorted(shapes)}; train on stores of one teacher and K")
         if init == "baseline":
             init_from_baseline(model, baseline, data)
-        objective = DistillObjective(dcfg, data, list(store.shard_paths), hidden, max_len)
+        objective = DistillObjective(dcfg, data, [p for st in stores for p in st.shard_paths], hidden, max_len)
     elif w_rec == 0:
         raise typer.BadParameter("--w-rec 0 without --teacher-cache leaves nothing to train")
     log.info("training %s on %d users, %d items (threads=%d)", run, data.n_users, data.n_items, torch.get_num_threads())
     result = fit(model, data, tcfg, objective=objective, show_progress=os.environ.get("GEDISTILL_NO_PROGRESS") is None)
     out.mkdir(parents=True, exist_ok=True)
-    distill_meta = {"distill": asdict(dcfg), "teacher_cache": str(teacher_cache)} if dcfg else {}
+    distill_meta = {"distill": asdict(dcfg), "teacher_cache": [str(p) for p in stores_in]} if dcfg else {}
     save_student(out, model, {"run": run, "prepared_fingerprint": data.fingerprint, "train": asdict(tcfg),
                               "best_epoch": result.best_epoch, **distill_meta},
                  extra_tensors={f"projector.{k}": v for k, v in objective.projector.state_dict().items()} if objective else None)
     final_report(model, data, out, run, metrics_path, result,
-                 {"sasrec": asdict(cfg), "train": asdict(tcfg), "teacher_cache": teacher_cache, **distill_meta})
+                 {"sasrec": asdict(cfg), "train": asdict(tcfg), **distill_meta})

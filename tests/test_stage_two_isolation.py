@@ -44,6 +44,8 @@ def tiny(tmp_path_factory):
     fp = load_prepared(root / "prepared").fingerprint
     write_teacher_store(root / "store", cluster_teacher_rows(world, k=8, same_cluster=2, last_m=2, width=24),
                         prepared_fingerprint=fp, shard_rows=32)
+    write_teacher_store(root / "store-2", cluster_teacher_rows(world, k=8, same_cluster=2, last_m=4, width=24, seed=7),
+                        prepared_fingerprint=fp, shard_rows=32)
     write_teacher_store(root / "other-store", cluster_teacher_rows(world, k=8, same_cluster=2, last_m=2, width=24),
                         prepared_fingerprint="0" * 64, shard_rows=32)
     return root
@@ -55,7 +57,7 @@ COMMON = ["--hidden", "16", "--heads", "1", "--blocks", "1", "--max-len", "8", "
 
 def test_student_train_from_the_store_never_imports_an_llm_stack(tiny):
     report, proc = _run(["student-train", "--prepared", str(tiny / "prepared"), "--teacher-cache", str(tiny / "store"),
-                         "--out", str(tiny / "students" / "distilled"), "--metrics", str(tiny / "metrics" / "distilled.json"),
+                         "--teacher-cache", str(tiny / "store-2"), "--out", str(tiny / "students" / "distilled"), "--metrics", str(tiny / "metrics" / "distilled.json"),
                          "--w-rec", "0", "--emb-loss", "mse", *COMMON], tiny)
     assert report["code"] == 0, proc.stderr[-3000:]
     assert report["bad"] == [], f"stage two imported {report['bad']}"
@@ -68,6 +70,7 @@ def test_student_train_from_the_store_never_imports_an_llm_stack(tiny):
         assert "loss_rec" not in row
     config = json.loads((tiny / "students" / "distilled" / "config.json").read_text())
     assert config["distill"]["emb_loss"] == "mse" and config["train"]["w_rec"] == 0.0
+    assert config["teacher_cache"] == [str(tiny / "store"), str(tiny / "store-2")]  # two stores, trained together
 
 
 def test_a_store_from_other_data_is_refused_with_the_difference_named(tiny):
