@@ -217,11 +217,16 @@ class StoreWriter:
     def write_manifest(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Scan the directory and (re)write the manifest; `complete` once every shard is present."""
         old = self._manifest()
+        # Rehash only shards whose size or mtime changed: the manifest is rewritten after every shard.
+        known = {(s["name"], s.get("size"), s.get("mtime_ns")): s["sha256"] for s in old.get("shards", [])}
         shards = []
         for i in range(self.spec.n_shards):
             p = self.path(i)
             if p.exists() and read_shard_meta(p).get("fingerprint") == self.spec.fingerprint:
-                shards.append({"name": p.name, "index": i, "rows": pq.read_metadata(p).num_rows, "sha256": sha256_file(p)})
+                st = p.stat()
+                digest = known.get((p.name, st.st_size, st.st_mtime_ns)) or sha256_file(p)
+                shards.append({"name": p.name, "index": i, "rows": pq.read_metadata(p).num_rows, "sha256": digest,
+                               "size": st.st_size, "mtime_ns": st.st_mtime_ns})
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         manifest = {
             "schema_version": SCHEMA_VERSION,

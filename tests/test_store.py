@@ -88,6 +88,8 @@ def test_resume_after_interruption_gives_same_rows(inputs, tmp_path, monkeypatch
         dump(inputs, tmp_path / "run")
     monkeypatch.setattr(StoreWriter, "write_shard", original)
     assert len(list((tmp_path / "run").glob("*.parquet"))) == 2
+    with pytest.raises(UsageError, match=r"incomplete store \(2 of 4 shards\)"):
+        open_store(tmp_path / "run")
     stale = tmp_path / "run" / ".part-00002-of-00004.parquet.tmp-99999"  # a half-written shard of a killed run
     stale.write_bytes(b"PAR1 torn")
     report = dump(inputs, tmp_path / "run")

@@ -152,6 +152,7 @@ def run_dump(cfg: DumpConfig, inputs: DumpInputs, backend: Backend, teacher: dic
         result = backend.run([p.input_ids for p in prompts], ident_ids, cfg.mode, progress=tick)
         table, st = _table(rows, prompts, shown, result, scheme, cfg)
         writer.write_shard(index, table)
+        writer.write_manifest()  # progress is visible to `cache info` while the run goes on
         status.update(st)
         truncated += sum(p.truncated for p in prompts)
         tokens += sum(len(p.input_ids) for p in prompts)
