@@ -20,7 +20,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -304,16 +303,3 @@ def iter_batches(store: Path | StoreInfo, columns: list[str] | None = None, batc
     for p in info.shard_paths:
         yield from pq.ParquetFile(p).iter_batches(batch_size=batch_rows, columns=columns)
 
-
-def rankings_are_permutations(ranking: pa.Array, k: int) -> np.ndarray:
-    """Boolean per row: is the list a permutation of 0..k-1?"""
-    lengths = ranking.value_lengths().to_numpy(zero_copy_only=False)
-    ok = lengths == k
-    flat = ranking.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-    if ok.all() and len(flat) == k * len(lengths):
-        ok = (np.sort(flat.reshape(-1, k), axis=1) == np.arange(k)).all(axis=1)
-    else:
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        ok = np.array([lengths[i] == k and (np.sort(flat[offsets[i]:offsets[i + 1]]) == np.arange(k)).all()
-                       for i in range(len(lengths))], dtype=bool)
-    return ok

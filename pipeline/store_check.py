@@ -17,8 +17,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import UsageError
-from pipeline.store import (MANIFEST, SCHEMA_VERSION, StoreSpec, StoreWriter, fingerprint_of, rankings_are_permutations,
-                            read_shard_meta, sha256_file, shard_name, store_schema)
+from pipeline.store import (MANIFEST, SCHEMA_VERSION, StoreSpec, StoreWriter, fingerprint_of, read_shard_meta,
+                            sha256_file, shard_name, store_schema)
 from pipeline.teacher.parse import STATUSES
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,20 @@ def verify_store(root: Path) -> list[str]:
         except Exception as e:  # a corrupted file can fail anywhere inside the Parquet reader
             problems.append(f"{name}: unreadable ({type(e).__name__}: {e})")
     return problems
+
+
+def rankings_are_permutations(ranking: pa.Array, k: int) -> np.ndarray:
+    """Boolean per row: is the list a permutation of 0..k-1?"""
+    lengths = ranking.value_lengths().to_numpy(zero_copy_only=False)
+    ok = lengths == k
+    flat = ranking.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    if ok.all() and len(flat) == k * len(lengths):
+        ok = (np.sort(flat.reshape(-1, k), axis=1) == np.arange(k)).all(axis=1)
+    else:
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        ok = np.array([lengths[i] == k and (np.sort(flat[offsets[i]:offsets[i + 1]]) == np.arange(k)).all()
+                       for i in range(len(lengths))], dtype=bool)
+    return ok
 
 
 def _check_shard(path: Path, spec: StoreSpec, index: int, schema: Any, k: int, listed_rows: int) -> list[str]:

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from pipeline.errors import UsageError
-from pipeline.teacher.dump import DumpConfig, DumpReport, load_inputs, run_dump
+from pipeline.teacher.dump import Backend, DumpConfig, DumpInputs, DumpReport, load_inputs, run_dump
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def teacher_dump(
     _print_report(report, cfg)
 
 
-def _run_with_progress(cfg: DumpConfig, inputs, backend, facts: dict, out: Path) -> DumpReport:
+def _run_with_progress(cfg: DumpConfig, inputs: DumpInputs, backend: Backend, facts: dict, out: Path) -> DumpReport:
     show = os.environ.get("GEDISTILL_NO_PROGRESS") is None
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
