@@ -6,7 +6,7 @@ Both sides train SASRec on MovieLens-100K (the copy inside the recbole wheel) wi
 hyperparameters (hidden 64, 2 blocks, 2 heads, inner 256, dropout 0.5/0.5, max length 50, full
 softmax CE, Adam lr 1e-3) and the same torch thread count. Each side runs in its own child
 process with its own interpreter (ours: the project venv; RecBole: .venv-recbole, made by
-benchmarks/setup_recbole.sh), so peak RSS (`getrusage().ru_maxrss`) is per side. A side's
+benchmarks/setup_recbole.sh), so peak RSS (VmHWM) is per side. A side's
 epoch time is the median over `--epochs` training epochs, validation excluded.
 
 What "one epoch" means on each side (both are one pass over every training target once):
@@ -44,6 +44,15 @@ def _rss_now_mib() -> float:
 
 
 def _peak_rss_mib() -> float:
+    """This process's RSS high-water mark (VmHWM). getrusage's ru_maxrss would also do here,
+    but after fork+exec it can carry the parent's mark; VmHWM belongs to this image only."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -93,6 +102,7 @@ def side_recbole(threads: int, epochs: int, seed: int) -> dict:
         "setup_s": setup_s,
         "rss_after_setup_mib": rss_setup,
         "peak_rss_mib": _peak_rss_mib(),
+        "peak_rss_measure": "VmHWM",
         "threads": torch.get_num_threads(),
         "anomaly_detection": torch.is_anomaly_enabled(),
         "versions": {"torch": torch.__version__, "recbole": __import__("recbole").__version__},
@@ -142,6 +152,7 @@ def side_ours(threads: int, epochs: int, seed: int) -> dict:
         "setup_s": setup_s,
         "rss_after_setup_mib": rss_setup,
         "peak_rss_mib": _peak_rss_mib(),
+        "peak_rss_measure": "VmHWM",
         "threads": torch.get_num_threads(),
         "anomaly_detection": torch.is_anomaly_enabled(),
         "config": {"sasrec": mcfg.__dict__, "train": tcfg.__dict__},

@@ -17,7 +17,9 @@ fi
 VPY="$VENV/bin/python"
 # pip: quiet, without the local-index "is ignored" notices. After the --no-deps install of
 # recbole, pip lists ray/plotly/thop/tabulate as missing: expected, nothing here imports them.
-pipi() { "$VPY" -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+pipi() {
+    "$VPY" -m pip install -q "$@" 2> >(grep -v -E "is ignored: it is neither a file nor a directory|dependency resolver does not currently take|^recbole 1\.2\.1 requires (plotly|ray|tabulate|thop)" >&2)
+}
 
 # torch is pinned exactly: the CPU wheel lies on local disk; any other version would pull CUDA.
 pipi "setuptools<81" wheel
