@@ -27,6 +27,8 @@ def teacher_dump(
     mode: Annotated[Literal["first-token", "generate"], typer.Option(
         help="first-token: one prefill, ranking = order of the identifier logits. generate: greedy ranking text, "
              "parsed leniently.")] = "first-token",
+    backend: Annotated[Literal["hf", "vllm"], typer.Option(
+        help="hf: transformers (tested). vllm: first-token mode via vLLM's pooling runner (untested here).")] = "hf",
     dtype: Annotated[Literal["auto", "bfloat16", "float32", "float16"], typer.Option(
         help="Compute dtype; auto = bfloat16 on CPUs with native bf16 (and GPUs), else float32.")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per forward pass (length-sorted, left-padded).")] = 8,
@@ -53,7 +55,9 @@ def teacher_dump(
     """Rank each candidate set with the teacher; store h_dec, identifier scores and the ranking as Parquet shards."""
     if worker_index >= num_workers:
         raise UsageError(f"--worker-index must be below --num-workers ({num_workers}), got {worker_index}")
-    cfg = DumpConfig(mode=mode, history_len=history_len, max_prompt_tokens=max_prompt_tokens, identifiers=identifiers,
+    if backend == "vllm" and mode != "first-token":
+        raise UsageError("--backend vllm does first-token mode only; use --backend hf for --mode generate")
+    cfg = DumpConfig(mode=mode, backend=backend, history_len=history_len, max_prompt_tokens=max_prompt_tokens, identifiers=identifiers,
                      template=template, candidate_order=candidate_order, seed=seed, h_dec_dtype=h_dec_dtype,
                      store_prompt=store_prompt, max_new_tokens=max_new_tokens, shard_rows=shard_rows,
                      num_workers=num_workers, worker_index=worker_index)
@@ -62,16 +66,23 @@ def teacher_dump(
     import torch  # stage one only: the LLM stack is imported here, never by the CLI module
 
     from pipeline.teacher.convert import resolve_teacher
-    from pipeline.teacher.hf_backend import HFConfig, HFTeacher
 
     if threads > 0:
         torch.set_num_threads(threads)
     source = resolve_teacher(teacher)
-    backend = HFTeacher(HFConfig(source.location, dtype=dtype, batch_size=batch_size,
-                                 max_new_tokens=max_new_tokens or 4 * inputs.k, trust_remote_code=trust_remote_code))
-    facts = {"name": source.name, "revision": backend.revision or source.revision,
-             "hidden_size": backend.hidden_size, "dtype": backend.dtype_name}
-    report = _run_with_progress(cfg, inputs, backend, facts, out)
+    model: Backend
+    if backend == "vllm":
+        from pipeline.teacher.vllm_backend import VLLMConfig, VLLMTeacher
+
+        model = VLLMTeacher(VLLMConfig(source.location, dtype=dtype, trust_remote_code=trust_remote_code))
+    else:
+        from pipeline.teacher.hf_backend import HFConfig, HFTeacher
+
+        model = HFTeacher(HFConfig(source.location, dtype=dtype, batch_size=batch_size,
+                                   max_new_tokens=max_new_tokens or 4 * inputs.k, trust_remote_code=trust_remote_code))
+    facts = {"name": source.name, "revision": model.revision or source.revision,
+             "hidden_size": model.hidden_size, "dtype": model.dtype_name}
+    report = _run_with_progress(cfg, inputs, model, facts, out)
     _print_report(report, cfg)
 
 

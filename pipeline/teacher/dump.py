@@ -45,6 +45,7 @@ class Backend(Protocol):
 @dataclass(frozen=True)
 class DumpConfig:
     mode: Literal["first-token", "generate"] = "first-token"
+    backend: Literal["hf", "vllm"] = "hf"
     history_len: int = 10  # most recent items shown; older ones dropped first when over the context
     max_prompt_tokens: int | None = None  # None: the model's context (minus max_new_tokens in generate mode)
     identifiers: str = "letters"
@@ -109,7 +110,7 @@ def store_settings(cfg: DumpConfig, inputs: DumpInputs, teacher: dict[str, Any],
                    scheme: IdentifierScheme, max_prompt_tokens: int, max_new_tokens: int | None) -> dict[str, Any]:
     """Everything that changes the stored rows; its hash is the store's fingerprint."""
     return {
-        "teacher": teacher, "backend": "hf", "mode": cfg.mode, "template": template.text,
+        "teacher": teacher, "backend": cfg.backend, "mode": cfg.mode, "template": template.text,
         "identifiers": {"scheme": scheme.name, "labels": list(scheme.labels)}, "k": inputs.k,
         "history_len": cfg.history_len, "max_prompt_tokens": max_prompt_tokens, "max_new_tokens": max_new_tokens,
         "candidate_order": cfg.candidate_order, "seed": cfg.seed, "h_dec_dtype": cfg.h_dec_dtype,
