@@ -182,7 +182,7 @@ class StoreWriter:
         if meta.get("fingerprint") != self.spec.fingerprint or rows != stop - start:
             log.warning("shard %s does not match this run; it will be recomputed", path.name)
             return False
-        known = {s["name"]: s["sha256"] for s in self._manifest().get("shards", [])}
+        known = {s["name"]: s["sha256"] for s in self.read_manifest().get("shards", [])}
         if path.name in known and known[path.name] != sha256_file(path):
             log.warning("shard %s fails its checksum; it will be recomputed", path.name)
             return False
@@ -209,13 +209,13 @@ class StoreWriter:
         os.replace(tmp, final)
         return final
 
-    def _manifest(self) -> dict[str, Any]:
+    def read_manifest(self) -> dict[str, Any]:
         p = self.root / MANIFEST
         return json.loads(p.read_text()) if p.exists() else {}
 
     def write_manifest(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Scan the directory and (re)write the manifest; `complete` once every shard is present."""
-        old = self._manifest()
+        old = self.read_manifest()
         # Rehash only shards whose size or mtime changed: the manifest is rewritten after every shard.
         known = {(s["name"], s.get("size"), s.get("mtime_ns")): s["sha256"] for s in old.get("shards", [])}
         shards = []

@@ -102,11 +102,11 @@ def test_resume_after_interruption_gives_same_rows(inputs, tmp_path, monkeypatch
 def test_complete_rerun_is_a_noop(inputs, tmp_path):
     out = tmp_path / "s"
     dump(inputs, out)
-    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
     backend = FakeBackend()
     report = dump(inputs, out, backend=backend)
-    assert backend.calls == 0 and report.shards_written == 0 and report.shards_skipped == 4
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")} == before
+    assert backend.calls == 0 and report.shards_written == 0 and report.shards_skipped == 4 and report.complete
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()} == before
 
 
 def test_fingerprint_mismatch_is_refused_naming_settings(inputs, tmp_path):

@@ -157,7 +157,9 @@ def run_dump(cfg: DumpConfig, inputs: DumpInputs, backend: Backend, teacher: dic
         status.update(st)
         truncated += sum(p.truncated for p in prompts)
         tokens += sum(len(p.input_ids) for p in prompts)
-    manifest = writer.write_manifest(extra={"backend_dtype": backend.dtype_name})
+    manifest = writer.read_manifest()
+    if pending or not manifest.get("complete"):  # a rerun of a complete store leaves every byte as it was
+        manifest = writer.write_manifest(extra={"backend_dtype": backend.dtype_name})
     return DumpReport(out, len(pending), mine - len(pending), total, time.perf_counter() - t0,
                       dict(status), truncated, tokens, manifest["complete"])
 
