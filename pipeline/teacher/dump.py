@@ -154,6 +154,9 @@ def run_dump(cfg: DumpConfig, inputs: DumpInputs, backend: Backend, teacher: dic
         table, st = _table(rows, prompts, shown, result, scheme, cfg)
         writer.write_shard(index, table)
         writer.write_manifest()  # progress is visible to `cache info` while the run goes on
+        rate = done / (time.perf_counter() - t0)
+        log.info("wrote %s: %d/%d samples, %.2f samples/s, ETA %.0f s", writer.path(index).name, done, total,
+                 rate, (total - done) / rate if rate > 0 else float("nan"))
         status.update(st)
         truncated += sum(p.truncated for p in prompts)
         tokens += sum(len(p.input_ids) for p in prompts)
