@@ -24,6 +24,7 @@ def plot_training(histories: dict[str, list[dict]], path: Path, notes: dict[str,
     (mean ||u_sas||, mean ||W_p(h_dec)|| and the embedding loss) where a run has them."""
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     (ax_loss, ax_valid), (ax_norm, ax_emb) = axes
+    ax_spread = None  # a right-hand axis for the spreads, which are far smaller than the norms
     for i, (name, rows) in enumerate(histories.items()):
         if not rows:
             continue
@@ -39,15 +40,22 @@ def plot_training(histories: dict[str, list[dict]], path: Path, notes: dict[str,
             ax_norm.plot(ep, [r["u_norm"] for r in rows], "-", color=c, label=f"{name} ||u_sas||")
             ax_norm.plot(ep, [r["proj_norm"] for r in rows], "--", color=c, label=f"{name} ||W_p(h_dec)||")
             if "u_spread" in rows[0]:  # per-feature std across users: 0 = every user gets one vector
-                ax_norm.plot(ep, [r["u_spread"] for r in rows], ":", color=c, label=f"{name} spread of u_sas (std/feature)")
-                ax_norm.plot(ep, [r["proj_spread"] for r in rows], "-.", color=c, label=f"{name} spread of W_p(h_dec)")
+                ax_spread = ax_spread or ax_norm.twinx()
+                ax_spread.plot(ep, [r["u_spread"] for r in rows], ":", color=c, label=f"{name} spread of u_sas (right)")
+                ax_spread.plot(ep, [r["proj_spread"] for r in rows], "-.", color=c, label=f"{name} spread of W_p(h_dec) (right)")
             ax_emb.plot(ep, [r["l_emb"] for r in rows], "-", color=c, label=f"{label} L_emb")
     ax_loss.set(title="training losses (per-step mean)", xlabel="epoch")
     ax_valid.set(title="validation NDCG@10", xlabel="epoch")
-    ax_norm.set(title="collapse check: mean norms and spread across users", xlabel="epoch", ylim=(0, None))
+    ax_norm.set(title="collapse check: mean norms (left), spread across users (right)", xlabel="epoch", ylim=(0, None))
+    if ax_spread is not None:
+        ax_spread.set(ylim=(0, None), ylabel="mean per-feature std")
+        handles = [h for ax in (ax_norm, ax_spread) for h in ax.get_legend_handles_labels()[0]]
+        ax_norm.legend(handles, [h.get_label() for h in handles], fontsize=7)
     ax_emb.set(title="embedding loss", xlabel="epoch", ylim=(0, None))
     for ax in axes.flat:
         ax.grid(alpha=0.3)
+        if ax is ax_norm and ax_spread is not None:
+            continue  # its legend already holds both axes' lines
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
         else:
