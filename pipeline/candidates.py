@@ -19,13 +19,15 @@ from pipeline.sequences import left_pad
 META_KEY = b"gedistill.candidates"
 
 
-def select_samples(train: list[np.ndarray], per_user: int | None) -> tuple[np.ndarray, np.ndarray]:
+def select_samples(train: list[np.ndarray], per_user: int | None, skip_last: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(user_idx, position) of each teacher sample: the last `per_user` training positions of each user
-    (None = all), where position p means history train[:p] and target train[p]; p >= 1."""
+    (None = all) before the last `skip_last` ones, where position p means history train[:p] and
+    target train[p]; p >= 1. `skip_last` lets a second store extend a first one without overlap."""
     users, positions = [], []
     for u, t in enumerate(train):
-        first = 1 if per_user is None else max(1, len(t) - per_user)
-        ps = np.arange(first, len(t))
+        end = max(1, len(t) - skip_last)
+        first = 1 if per_user is None else max(1, end - per_user)
+        ps = np.arange(first, end)
         users.append(np.full(len(ps), u))
         positions.append(ps)
     return np.concatenate(users).astype(np.int32), np.concatenate(positions).astype(np.int32)

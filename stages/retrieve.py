@@ -25,6 +25,7 @@ def retrieve(
     k: Annotated[int, typer.Option(min=2, max=26, help="Candidates per sample (letters A.. identify them).")] = 20,
     samples_per_user: Annotated[int, typer.Option(min=1, help="Teacher samples per user: the last M training positions.")] = 1,
     all_positions: Annotated[bool, typer.Option(help="Use every training position (overrides --samples-per-user).")] = False,
+    skip_last: Annotated[int, typer.Option(min=0, help="Skip each user's last L training positions, e.g. to add a second, disjoint teacher store.")] = 0,
     threads: Annotated[int, typer.Option(min=0, help="torch threads; 0 = torch's default.")] = 0,
 ) -> None:
     """Pick teacher samples (training prefixes) and retrieve K unseen candidates for each with the baseline."""
@@ -35,7 +36,7 @@ def retrieve(
         raise UsageError(f"{student} was trained on other prepared data than {prepared}; "
                          f"retrain it with `gedistill student-train --prepared {prepared}`")
     per_user = None if all_positions else samples_per_user
-    users, positions = select_samples(data.train, per_user)
+    users, positions = select_samples(data.train, per_user, skip_last)
     histories = [data.train[u][:p] for u, p in zip(users, positions)]
     targets = np.array([data.train[u][p] for u, p in zip(users, positions)], dtype=np.int32)
     cands, scores = top_k(model, histories, k)
@@ -43,7 +44,8 @@ def retrieve(
     fp = write_candidates(out, users, positions, targets, cands, scores, {
         "prepared_fingerprint": data.fingerprint, "retriever": str(student),
         "retriever_sha256": file_sha256(student / "model.safetensors"),
-        "selection": "all" if per_user is None else f"last {per_user} per user",
+        "selection": ("all" if per_user is None else f"last {per_user} per user")
+        + (f", skipping the last {skip_last}" if skip_last else ""),
     })
     typer.echo(f"{len(users):,} samples, K={k}, target among candidates for {recall:.1%}; wrote {out} "
                f"(fingerprint {fp[:16]})")

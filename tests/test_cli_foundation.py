@@ -77,3 +77,17 @@ def test_usage_errors_exit_2_with_messages(tmp_path: Path, capsys):
     assert "--loss must be ce or bce" in capsys.readouterr().err
     assert run(["retrieve", "--student", str(tmp_path / "none"), "--prepared", str(tmp_path / "none")]) == 2
     assert run(["no-such-command"]) == 2
+
+
+def test_sample_selection_last_positions_and_skip():
+    import numpy as np
+
+    from pipeline.candidates import select_samples
+
+    train = [np.arange(1, 7), np.arange(1, 3)]  # lengths 6 and 2
+    u, p = select_samples(train, 2)
+    assert list(zip(u.tolist(), p.tolist())) == [(0, 4), (0, 5), (1, 1)]
+    u, p = select_samples(train, 1, skip_last=1)
+    assert list(zip(u.tolist(), p.tolist())) == [(0, 4)]  # user 1 has no position left before its last
+    u, p = select_samples(train, None)
+    assert p.tolist() == [1, 2, 3, 4, 5, 1]
