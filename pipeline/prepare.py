@@ -6,6 +6,7 @@ No I/O here: frames in, frames out, plus a report of what was filtered and why.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import polars as pl
 
@@ -19,6 +20,10 @@ class PrepareConfig:
     kcore: int = 0  # iterative user/item k-core; 0 = off (RecBole's ml-100k protocol keeps all)
     min_user_interactions: int = MIN_SEQUENCE
     drop_duplicates: bool = False
+    # "exact": timestamps as given. "recbole": RecBole 1.2.1 rescales timestamps to [0, 1] as float32,
+    # which merges timestamps about a second apart into ties (kept in file order); this reproduces
+    # its validation and test targets exactly.
+    time_order: Literal["exact", "recbole"] = "exact"
 
 
 @dataclass
@@ -87,6 +92,10 @@ def build_sequences(
     user_ids = _sort_key(inter["user"].unique())
     user_map = pl.DataFrame({"user": user_ids, "user_idx": pl.int_range(0, len(user_ids), eager=True).cast(pl.Int32)})
 
+    if cfg.time_order == "recbole":
+        lo, hi = inter["ts"].min(), inter["ts"].max()
+        scaled = ((inter["ts"] - lo) / ((hi - lo) or 1.0)).cast(pl.Float32)
+        inter = inter.with_columns(scaled.alias("ts"))
     seqs = (
         inter.join(item_map, on="item").join(user_map, on="user")
         .sort(["user_idx", "ts", "row"])

@@ -30,6 +30,7 @@ def prepare(
     kcore: Annotated[int, typer.Option(min=0, help="Iterative user/item k-core filter; 0 keeps everything (RecBole's protocol).")] = 0,
     min_user_interactions: Annotated[int, typer.Option(min=3, help="Drop users with fewer interactions.")] = 3,
     drop_duplicates: Annotated[bool, typer.Option(help="Keep one of repeated (user, item, timestamp) rows instead of refusing.")] = False,
+    time_order: Annotated[str, typer.Option(help="exact: timestamps as given; recbole: RecBole's float32-rescaled timestamps (its exact targets).")] = "exact",
 ) -> None:
     """Read interactions and item text, order each user's history in time, split leave-one-out."""
     cols = Columns(user=user_col, item=item_col, time=time_col, item_key=item_key_col, title=title_col,
@@ -46,7 +47,10 @@ def prepare(
         inter = read_interactions(interactions, cols)
         item_text = read_items(items, cols) if items is not None else None
         source = {"dataset": interactions.stem, "interactions_file": str(interactions)}
-    cfg = PrepareConfig(kcore=kcore, min_user_interactions=min_user_interactions, drop_duplicates=drop_duplicates)
+    if time_order not in ("exact", "recbole"):
+        raise typer.BadParameter(f"--time-order must be exact or recbole, not {time_order!r}")
+    cfg = PrepareConfig(kcore=kcore, min_user_interactions=min_user_interactions, drop_duplicates=drop_duplicates,
+                        time_order=time_order)  # type: ignore[arg-type]
     seqs, items_df, report = build_sequences(inter, item_text, cfg, source=str(inter_path))
     for w in report.warnings:
         log.warning(w)

@@ -111,3 +111,12 @@ def test_datetime_timestamps_and_prepared_round_trip(tmp_path: Path):
     seqs2.write_parquet(tmp_path / "prep" / "sequences.parquet")
     with pytest.raises(UsageError, match="does not match summary.json"):
         load_prepared(tmp_path / "prep")
+
+
+def test_recbole_time_order_merges_near_timestamps_into_file_order_ties():
+    # span 1e9 s: float32 of ts/1e9 cannot tell 500_000_000 from 500_000_001, so file order decides
+    inter = frame([("a", "1", 0), ("a", "2", 500_000_001), ("a", "3", 500_000_000), ("a", "4", 1_000_000_000)])
+    exact, _, _ = build_sequences(inter, None, PrepareConfig())
+    assert exact.row(0, named=True)["train"] == [1, 3]
+    rb, _, _ = build_sequences(inter, None, PrepareConfig(time_order="recbole"))
+    assert rb.row(0, named=True)["train"] == [1, 2]
