@@ -37,9 +37,12 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
         self.drop = nn.Dropout(c.dropout)
 
-    def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
+    def forward(self, x: Tensor, allowed: Tensor, last_only: bool = False) -> Tensor:
+        """x [B, L, D] -> [B, L, D], or [B, 1, D] for the last position only (queries cut, keys kept)."""
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        if last_only:
+            q, allowed, x, L = q[:, :, -1:], allowed[:, :, -1:], x[:, -1:], 1
         p = self.attn_dropout if self.training else 0.0
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)  # [B, h, L, D/h]
         x = self.ln1(x + self.drop(self.proj(a.transpose(1, 2).reshape(B, L, D))))
@@ -64,8 +67,11 @@ class SASRec(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def encode(self, seqs: Tensor) -> Tensor:
-        """seqs [B, L] left-padded item ids -> hidden states [B, L, D]; position t sees items <= t."""
+    def encode(self, seqs: Tensor, last_only: bool = False) -> Tensor:
+        """seqs [B, L] left-padded item ids -> hidden states [B, L, D]; position t sees items <= t.
+
+        last_only: the final block computes the last position only -> [B, 1, D] (same values, less work).
+        """
         B, L = seqs.shape
         if L > self.config.max_len:
             raise ValueError(f"sequence length {L} > max_len {self.config.max_len}; keep the last items")
@@ -76,13 +82,13 @@ class SASRec(nn.Module):
         allowed = causal & valid[:, None, :]  # [B, L, L]: query t attends to real keys <= t
         allowed = allowed | torch.eye(L, dtype=torch.bool, device=seqs.device)  # padded rows: avoid NaN
         allowed = allowed[:, None]  # [B, 1, L, L], broadcast over heads
-        for blk in self.blocks:
-            x = blk(x, allowed)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, allowed, last_only=last_only and i == len(self.blocks) - 1)
         return x
 
     def user_embedding(self, seqs: Tensor) -> Tensor:
         """u_sas [B, D]: the output at the last (most recent) position."""
-        return self.encode(seqs)[:, -1]
+        return self.encode(seqs, last_only=True)[:, -1]
 
     def score_all(self, u: Tensor) -> Tensor:
         """[B, D] -> [B, n_items + 1]; column 0 (padding) is -inf."""

@@ -56,3 +56,9 @@ def test_training_windows_cover_every_prefix_once():
     for xi, yi in zip(x, y):
         for j in np.nonzero(yi)[0]:
             assert (xi[: j + 1] != 0).sum() >= min(5, yi[j] - 1)
+
+
+def test_user_embedding_equals_last_position_of_full_encode():
+    m = model()
+    seqs = left_pad([np.array([1, 2, 3]), np.arange(4, 16)], 8)
+    torch.testing.assert_close(m.user_embedding(seqs), m.encode(seqs)[:, -1])
