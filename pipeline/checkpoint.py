@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict
@@ -12,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.errors import UsageError
 from pipeline.sasrec import SASRec, SasrecConfig
+from pipeline.store import sha256_file as file_sha256
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
@@ -41,11 +41,3 @@ def load_student(folder: Path) -> tuple[SASRec, dict]:
     model.load_state_dict(own)
     model.eval()
     return model, meta
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import UsageError
+from pipeline.store import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +50,6 @@ def embedded_gguf() -> Path:
     return path
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _local_dir_revision(path: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(path.iterdir()):
@@ -71,13 +64,13 @@ def resolve_teacher(teacher: str) -> TeacherSource:
     """`embedded` (default) -> the converted SmolLM2 dir; a local dir -> itself; anything else -> a hub id."""
     if teacher in EMBEDDED_ALIASES:
         gguf = embedded_gguf()
-        digest = sha256_of(gguf)
+        digest = sha256_file(gguf)
         return TeacherSource(EMBEDDED_NAME, str(convert_gguf(gguf, EMBEDDED_NAME, digest)), f"gguf-sha256:{digest}")
     path = Path(teacher).expanduser()
     if path.is_dir():
         return TeacherSource(path.name, str(path), f"dir-sha256:{_local_dir_revision(path)}")
     if path.suffix == ".gguf" and path.is_file():
-        digest = sha256_of(path)
+        digest = sha256_file(path)
         return TeacherSource(path.stem, str(convert_gguf(path, path.stem.lower(), digest)), f"gguf-sha256:{digest}")
     return TeacherSource(teacher.rsplit("/", 1)[-1], teacher, f"hub:{teacher}")
 
