@@ -317,6 +317,9 @@ def main() -> None:
     test_result = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
 
     epochs_run = len(train_times)
+    if best_valid_result is None:  # resumed, and no epoch beat the checkpoint: take the recorded best
+        best_i = max(range(len(valid_scores)), key=lambda e: (valid_scores[e], e))
+        best_valid_result, best_valid_score = valid_results[best_i], valid_scores[best_i]
     result = {
         "what": "RecBole 1.2.1 SASRec on MovieLens-100K (RecBole's default sequential protocol)",
         "status": "finished",
