@@ -15,6 +15,15 @@ from pipeline.stats import PairedDiff  # noqa: E402
 COLORS = {"baseline": "#4c72b0", "distilled": "#dd8452"}
 
 
+
+def _save(fig, path: Path) -> Path:
+    """Write the figure as PNG (folder created) and free it."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
 def _color(name: str, i: int) -> str:
     return COLORS.get(name, f"C{i + 2}")
 
@@ -60,11 +69,7 @@ def plot_training(histories: dict[str, list[dict]], path: Path, notes: dict[str,
             ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, "no data for this panel", ha="center", va="center", transform=ax.transAxes, color="gray")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_comparison(diffs: dict[str, PairedDiff], path: Path, name_a: str = "baseline", name_b: str = "distilled") -> Path:
@@ -90,11 +95,7 @@ def plot_comparison(diffs: dict[str, PairedDiff], path: Path, name_a: str = "bas
     ax_d.set(title=f"{name_b} - {name_a}, paired bootstrap 95% CI\n(green/red: significant, grey: not)")
     for ax in (ax_m, ax_d):
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_teacher(top1_counts: np.ndarray, target_rank_counts: dict[str, np.ndarray], path: Path) -> Path:
@@ -121,8 +122,4 @@ def plot_teacher(top1_counts: np.ndarray, target_rank_counts: dict[str, np.ndarr
     ax_r.legend(fontsize=8)
     for ax in (ax_p, ax_r):
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
