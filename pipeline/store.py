@@ -138,14 +138,16 @@ def _atomic_write_text(path: Path, text: str) -> None:
 class StoreWriter:
     """Writes one store directory; resumable (complete shards are kept) and idempotent."""
 
-    def __init__(self, root: Path, spec: StoreSpec) -> None:
+    def __init__(self, root: Path, spec: StoreSpec, replace_mismatched: bool = False) -> None:
+        """replace_mismatched: a store made with other settings is deleted (with a warning naming the
+        differences) instead of refused; for pipelines that keep older outputs elsewhere (DVC's cache)."""
         self.root, self.spec = Path(root), spec
         self.root.mkdir(parents=True, exist_ok=True)
-        self._check_compatible()
+        self._check_compatible(replace_mismatched)
         if not (self.root / MANIFEST).exists():
             self.write_manifest()
 
-    def _check_compatible(self) -> None:
+    def _check_compatible(self, replace_mismatched: bool = False) -> None:
         stored: dict[str, Any] | None = None
         if (self.root / MANIFEST).exists():
             stored = json.loads((self.root / MANIFEST).read_text())
@@ -158,11 +160,27 @@ class StoreWriter:
         diffs = diff_settings(stored.get("settings", {}), self.spec.settings)
         layout = [f"{k}: stored {stored.get(k)}, now {getattr(self.spec, k)}" for k in ("n_samples", "shard_rows")
                   if k in stored and stored[k] != getattr(self.spec, k)]
+        what = "; ".join(diffs + layout or ["(fingerprint only)"])
+        if replace_mismatched:
+            self._clear(what)
+            return
         raise UsageError(
             f"{self.root} holds a teacher store made with other settings; refusing to mix them. Differences: "
-            + "; ".join(diffs + layout or ["(fingerprint only)"])
-            + ". Use another --out directory, or delete this one."
+            + what + ". Use another --out directory, delete this one, or pass --replace-mismatched."
         )
+
+    def _clear(self, why: str) -> None:
+        """Delete a mismatched store; only when the directory holds nothing but store files."""
+        owned = [p for p in self.root.iterdir()
+                 if p.is_file() and (p.name == MANIFEST or p.name.startswith("part-") and p.suffix == ".parquet"
+                                     or p.name.startswith(".") and ".tmp-" in p.name)]
+        foreign = sorted(p.name for p in self.root.iterdir() if p not in owned)
+        if foreign:
+            raise UsageError(f"{self.root} holds a teacher store made with other settings and also other files "
+                             f"({', '.join(foreign[:5])}); not deleting it. Use another --out directory.")
+        log.warning("%s: replacing a teacher store made with other settings (%s)", self.root, why)
+        for p in owned:
+            p.unlink()
 
     def path(self, index: int) -> Path:
         return self.root / shard_name(index, self.spec.n_shards)

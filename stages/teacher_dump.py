@@ -51,6 +51,9 @@ def teacher_dump(
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N samples (smoke runs).")] = None,
     threads: Annotated[int, typer.Option(min=0, help="torch threads; 0 = torch's default.")] = 0,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own code (off unless you trust it).")] = False,
+    replace_mismatched: Annotated[bool, typer.Option(
+        help="If --out holds a store made with other settings, delete it (with a warning) instead of refusing. "
+             "The DVC pipeline uses this: DVC keeps the old store in its cache.")] = False,
 ) -> None:
     """Rank each candidate set with the teacher; store h_dec, identifier scores and the ranking as Parquet shards."""
     if worker_index >= num_workers:
@@ -60,7 +63,7 @@ def teacher_dump(
     cfg = DumpConfig(mode=mode, backend=backend, history_len=history_len, max_prompt_tokens=max_prompt_tokens, identifiers=identifiers,
                      template=template, candidate_order=candidate_order, seed=seed, h_dec_dtype=h_dec_dtype,
                      store_prompt=store_prompt, max_new_tokens=max_new_tokens, shard_rows=shard_rows,
-                     num_workers=num_workers, worker_index=worker_index)
+                     num_workers=num_workers, worker_index=worker_index, replace_mismatched=replace_mismatched)
     inputs = load_inputs(prepared, candidates, limit)
 
     import torch  # stage one only: the LLM stack is imported here, never by the CLI module

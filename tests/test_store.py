@@ -118,6 +118,27 @@ def test_fingerprint_mismatch_is_refused_naming_settings(inputs, tmp_path):
         dump(inputs, out, DumpConfig(shard_rows=5))
 
 
+def test_replace_mismatched_rewrites_the_store_and_keeps_foreign_files(inputs, tmp_path, caplog):
+    """What `dvc repro` relies on after an upstream change: the old store is replaced, not mixed."""
+    out, fresh = tmp_path / "s", tmp_path / "fresh"
+    dump(inputs, out, DumpConfig(shard_rows=5))  # 2 shards, seed 0
+    (out / ".part-00000-of-00002.parquet.tmp-99").write_bytes(b"torn")  # left by a killed run
+    new = DumpConfig(shard_rows=3, seed=7, replace_mismatched=True)
+    with caplog.at_level("WARNING", logger="pipeline.store"):
+        report = dump(inputs, out, new)
+    assert report.complete and report.shards_written == 4
+    assert "replacing a teacher store made with other settings" in caplog.text and "seed: stored 0, now 7" in caplog.text
+    dump(inputs, fresh, new)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in fresh.iterdir())  # the torn file went too
+    assert rows(out).equals(rows(fresh))
+    assert open_store(out).fingerprint == open_store(fresh).fingerprint
+    # a directory that also holds something else is never deleted
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match=r"also other files \(notes.txt\)"):
+        dump(inputs, out, DumpConfig(shard_rows=3, seed=8, replace_mismatched=True))
+    assert (out / "notes.txt").read_text() == "mine" and len(list(out.glob("part-*.parquet"))) == 4
+
+
 def test_verify_catches_corruption_and_bad_rankings(inputs, tmp_path):
     out = tmp_path / "s"
     dump(inputs, out)

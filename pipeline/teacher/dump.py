@@ -58,6 +58,7 @@ class DumpConfig:
     shard_rows: int = 256
     num_workers: int = 1
     worker_index: int = 0
+    replace_mismatched: bool = False  # delete a store made with other settings instead of refusing
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def run_dump(cfg: DumpConfig, inputs: DumpInputs, backend: Backend, teacher: dic
     max_prompt = cfg.max_prompt_tokens or backend.context_length - (max_new or 0)
     settings = store_settings(cfg, inputs, teacher, template, scheme, max_prompt, max_new)
     spec = StoreSpec(settings, inputs.samples.height, cfg.shard_rows, backend.hidden_size, cfg.h_dec_dtype)
-    writer = StoreWriter(out, spec)
+    writer = StoreWriter(out, spec, replace_mismatched=cfg.replace_mismatched)
     pending = writer.pending(cfg.num_workers, cfg.worker_index)
     mine = len(range(cfg.worker_index, spec.n_shards, cfg.num_workers))
     total = sum(spec.shard_range(i)[1] - spec.shard_range(i)[0] for i in pending)
