@@ -4,7 +4,7 @@
 
 Both sides train SASRec on MovieLens-100K (the copy inside the recbole wheel) with the same
 hyperparameters (hidden 64, 2 blocks, 2 heads, inner 256, dropout 0.5/0.5, max length 50, full
-softmax CE, Adam lr 1e-3) and the same torch thread count. Each side runs in its own child
+softmax CE; Adam with each side's default batch and learning rate) and the same torch thread count. Each side runs in its own child
 process with its own interpreter (ours: the project venv; RecBole: .venv-recbole, made by
 benchmarks/setup_recbole.sh), so peak RSS (VmHWM) is per side. A side's
 epoch time is the median over `--epochs` training epochs, validation excluded.

@@ -1,0 +1,93 @@
+"""Baseline-student settings compared over several seeds, selected on validation.
+
+    .venv/bin/python benchmarks/sweep_student.py --name maxlen200 --max-len 200 --seeds 2020 1 2
+
+Each run trains `pipeline.train.fit` on data/prepared (made by `gedistill prepare`) at one torch
+thread and appends one JSON line per seed to benchmarks/results/sweep_student.jsonl: the settings,
+best epoch, epochs run, seconds, and unmasked valid/test metrics. `--summary` prints the mean and
+standard error per setting name, valid first (the selection criterion), then test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "benchmarks" / "results" / "sweep_student.jsonl"
+
+
+def summary(path: Path) -> None:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    print(f"{'setting':<24}{'n':>3} {'valid ndcg@10':>15} {'test ndcg@10':>15} {'test hr@10':>15} {'epochs':>7} {'s/run':>7}")
+    for n in names:
+        rs = [r for r in rows if r["name"] == n]
+
+        def ms(key: str, split: str) -> str:
+            v = [r[split][key] for r in rs]
+            se = statistics.stdev(v) / len(v) ** 0.5 if len(v) > 1 else float("nan")
+            return f"{statistics.mean(v):.4f}±{se:.4f}"
+        ep = statistics.mean(r["epochs_run"] for r in rs)
+        sec = statistics.mean(r["seconds"] for r in rs)
+        print(f"{n:<24}{len(rs):>3} {ms('ndcg@10', 'valid'):>15} {ms('ndcg@10', 'test'):>15} {ms('hr@10', 'test'):>15} {ep:>7.0f} {sec:>7.0f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name")
+    p.add_argument("--prepared", type=Path, default=REPO / "data" / "prepared")
+    p.add_argument("--seeds", type=int, nargs="+", default=[2020, 1, 2])
+    p.add_argument("--max-len", type=int, default=50)
+    p.add_argument("--stride", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--dropout", type=float, default=0.5)
+    p.add_argument("--attn-dropout", type=float, default=None)
+    p.add_argument("--patience", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--summary", action="store_true", help="print the table of --out and exit")
+    a = p.parse_args()
+    if a.summary:
+        summary(a.out)
+        return
+    if not a.name:
+        p.error("--name is required unless --summary")
+
+    import torch
+
+    from pipeline.prepared import load_prepared
+    from pipeline.sasrec import SASRec, SasrecConfig
+    from pipeline.train import TrainConfig, evaluate, fit
+
+    torch.set_num_threads(a.threads)
+    data = load_prepared(a.prepared)
+    for seed in a.seeds:
+        torch.manual_seed(seed)
+        cfg = SasrecConfig(n_items=data.n_items, max_len=a.max_len, dropout=a.dropout,
+                           attn_dropout=a.dropout if a.attn_dropout is None else a.attn_dropout)
+        model = SASRec(cfg)
+        tcfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, stride=a.stride,
+                           patience=a.patience, seed=seed)
+        t0 = time.perf_counter()
+        res = fit(model, data, tcfg, show_progress=False)
+        row = {"name": a.name, "prepared": str(a.prepared), "fingerprint": data.fingerprint, "seed": seed, "max_len": a.max_len, "stride": a.stride, "batch_size": a.batch_size,
+               "lr": a.lr, "dropout": cfg.dropout, "attn_dropout": cfg.attn_dropout, "patience": a.patience,
+               "best_epoch": res.best_epoch, "epochs_run": len(res.history),
+               "seconds": round(time.perf_counter() - t0, 1),
+               "valid": evaluate(model, data, "valid"), "test": evaluate(model, data, "test")}
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        with a.out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps({k: row[k] for k in ("name", "seed", "best_epoch", "seconds")}),
+              "valid", round(row["valid"]["ndcg@10"], 4), "test", round(row["test"]["ndcg@10"], 4),
+              round(row["test"]["hr@10"], 4), flush=True)
+
+
+if __name__ == "__main__":
+    main()
