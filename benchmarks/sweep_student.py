@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/sweep_student.py --name maxlen200 --max-len 200 --seeds 2020 1 2
 
 Each run trains `pipeline.train.fit` on data/prepared (made by `gedistill prepare`) at one torch
-thread and appends one JSON line per seed to benchmarks/results/sweep_student.jsonl: the settings,
+thread (defaults: the project's, from SasrecConfig/TrainConfig) and appends one JSON line per seed to benchmarks/results/sweep_student.jsonl: the settings,
 best epoch, epochs run, seconds, and unmasked valid/test metrics. `--summary` prints the mean and
 standard error per setting name, valid first (the selection criterion), then test.
 """
@@ -37,18 +37,21 @@ def summary(path: Path) -> None:
 
 
 def main() -> None:
+    from pipeline.sasrec import SasrecConfig
+    from pipeline.train import TrainConfig
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name")
     p.add_argument("--prepared", type=Path, default=REPO / "data" / "prepared")
     p.add_argument("--seeds", type=int, nargs="+", default=[2020, 1, 2])
-    p.add_argument("--max-len", type=int, default=50)
+    p.add_argument("--max-len", type=int, default=SasrecConfig.max_len)
     p.add_argument("--stride", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--dropout", type=float, default=0.5)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--dropout", type=float, default=SasrecConfig.dropout)
     p.add_argument("--attn-dropout", type=float, default=None)
-    p.add_argument("--patience", type=int, default=10)
-    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--patience", type=int, default=TrainConfig.patience)
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--summary", action="store_true", help="print the table of --out and exit")
@@ -62,8 +65,8 @@ def main() -> None:
     import torch
 
     from pipeline.prepared import load_prepared
-    from pipeline.sasrec import SASRec, SasrecConfig
-    from pipeline.train import TrainConfig, evaluate, fit
+    from pipeline.sasrec import SASRec
+    from pipeline.train import evaluate, fit
 
     torch.set_num_threads(a.threads)
     data = load_prepared(a.prepared)
@@ -76,8 +79,8 @@ def main() -> None:
                            patience=a.patience, seed=seed)
         t0 = time.perf_counter()
         res = fit(model, data, tcfg, show_progress=False)
-        row = {"name": a.name, "prepared": str(a.prepared), "fingerprint": data.fingerprint, "seed": seed, "max_len": a.max_len, "stride": a.stride, "batch_size": a.batch_size,
-               "lr": a.lr, "dropout": cfg.dropout, "attn_dropout": cfg.attn_dropout, "patience": a.patience,
+        row = {"name": a.name, "prepared": str(a.prepared), "fingerprint": data.fingerprint, "seed": seed,
+               "max_len": a.max_len, "stride": a.stride, "batch_size": a.batch_size, "lr": a.lr, "dropout": cfg.dropout, "attn_dropout": cfg.attn_dropout, "patience": a.patience,
                "best_epoch": res.best_epoch, "epochs_run": len(res.history),
                "seconds": round(time.perf_counter() - t0, 1),
                "valid": evaluate(model, data, "valid"), "test": evaluate(model, data, "test")}

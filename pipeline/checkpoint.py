@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.errors import UsageError
 from pipeline.sasrec import SASRec, SasrecConfig
-from pipeline.store import sha256_file as file_sha256
+from pipeline.store import sha256_file
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
@@ -24,7 +24,7 @@ def save_student(folder: Path, model: SASRec, meta: dict, extra_tensors: dict | 
     tmp = folder / f".{WEIGHTS}.tmp"
     save_file(tensors, str(tmp))
     os.replace(tmp, folder / WEIGHTS)
-    cfg = {"sasrec": asdict(model.config), **meta, "weights_sha256": file_sha256(folder / WEIGHTS)}
+    cfg = {"sasrec": asdict(model.config), **meta, "weights_sha256": sha256_file(folder / WEIGHTS)}
     tmp = folder / f".{CONFIG}.tmp"
     tmp.write_text(json.dumps(cfg, indent=2) + "\n")
     os.replace(tmp, folder / CONFIG)

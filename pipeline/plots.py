@@ -15,7 +15,6 @@ from pipeline.stats import PairedDiff  # noqa: E402
 COLORS = {"baseline": "#4c72b0", "distilled": "#dd8452"}
 
 
-
 def _save(fig, path: Path) -> Path:
     """Write the figure as PNG (folder created) and free it."""
     fig.tight_layout()
@@ -23,6 +22,7 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
 
 def _color(name: str, i: int) -> str:
     return COLORS.get(name, f"C{i + 2}")

@@ -180,7 +180,7 @@ class StoreWriter:
                              f"({', '.join(foreign[:5])}); not deleting it. Use another --out directory.")
         log.warning("%s: replacing a teacher store made with other settings (%s)", self.root, why)
         for p in owned:
-            p.unlink()
+            p.unlink(missing_ok=True)  # another worker on this directory may have removed it already
 
     def path(self, index: int) -> Path:
         return self.root / shard_name(index, self.spec.n_shards)

@@ -10,9 +10,10 @@ import numpy as np
 import typer
 
 from pipeline.candidates import select_samples, top_k, write_candidates
-from pipeline.checkpoint import file_sha256, load_student
+from pipeline.checkpoint import load_student
 from pipeline.errors import UsageError
 from pipeline.prepared import load_prepared
+from pipeline.store import sha256_file
 from stages.train_student import set_threads
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def retrieve(
     recall = float((cands == targets[:, None]).any(1).mean())
     fp = write_candidates(out, users, positions, targets, cands, scores, {
         "prepared_fingerprint": data.fingerprint, "retriever": str(student),
-        "retriever_sha256": file_sha256(student / "model.safetensors"),
+        "retriever_sha256": sha256_file(student / "model.safetensors"),
         "selection": ("all" if per_user is None else f"last {per_user} per user")
         + (f", skipping the last {skip_last}" if skip_last else ""),
     })
