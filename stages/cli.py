@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     from typer._click.exceptions import ClickException
 
     try:
-        app(args=argv, standalone_mode=False)
+        # With standalone_mode=False click returns the code of a `typer.Exit(n)` instead of exiting:
+        # dropping it made `gedistill cache verify` exit 0 on a corrupted store.
+        rc = app(args=argv, standalone_mode=False)
     except UsageError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
@@ -51,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted; completed outputs are kept, rerun to continue", err=True)
         sys.exit(130)
+    if isinstance(rc, int) and rc != 0:
+        sys.exit(rc)
 
 
 if __name__ == "__main__":
