@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.gedistill-setup
 
-.PHONY: setup run test test-fast bench clean-data
+.PHONY: setup run test test-fast mutate bench clean-data
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,21 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -ra -m "not slow and not teacher"
+
+# Mutation testing, slow and not part of `make test` (docs/MUTATION.md). Each module runs in its own
+# copy of the committed code (git HEAD) under build/mutate/. Narrow it with MUTATE_MODULES="stats parse",
+# score uncommitted edits with MUTATE_SOURCE=worktree.
+MUTATE_STAMP := $(VENV)/.gedistill-mutate
+MUTATE_MODULES ?=
+MUTATE_SOURCE ?= head
+MUTATE_CHILDREN ?= 2
+
+$(MUTATE_STAMP): pyproject.toml | $(STAMP)
+	$(BIN)/pip install -q -e ".[mutate]"
+	touch $(MUTATE_STAMP)
+
+mutate: setup $(MUTATE_STAMP)
+	$(BIN)/python benchmarks/mutation_score.py --source $(MUTATE_SOURCE) --max-children $(MUTATE_CHILDREN) $(MUTATE_MODULES)
 
 clean-data:
 	rm -rf data/prepared data/students data/candidates data/teacher data/metrics data/plots

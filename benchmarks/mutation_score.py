@@ -1,0 +1,169 @@
+"""Mutation score per core module with mutmut 3 (make mutate; results in docs/MUTATION.md).
+
+Each module runs in its own fresh copy of the project under build/mutate/<module>/, so that
+  - the score comes from the committed code (--source head, the default: `git archive HEAD`),
+    not from whatever is half-edited in the working tree (--source worktree tests that instead);
+  - mutmut 3 mutates that one file and runs only the tests listed for it: its stats pass runs the
+    selected tests once with tracing, then each mutant reruns only the tests that reached its function.
+mutmut copies incrementally (an existing file in mutants/ is never refreshed), so every run starts
+from an empty directory.
+
+Usage:
+    python benchmarks/mutation_score.py [--source head|worktree] [--max-children 1] [MODULE ...]
+    python benchmarks/mutation_score.py --list
+Writes build/mutate/scores.json (merged across runs), prints one line per module and the survivors;
+build/mutate/<module>/survivors.diff holds each survivor's diff.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "build" / "mutate"
+SCORES = WORK / "scores.json"
+
+# module -> (file mutated, test files run against it). The tests are the ones that exercise the module
+# directly; end-to-end tests through a subprocess cannot see an in-process mutant, so they are left out.
+MODULES: dict[str, tuple[str, list[str]]] = {
+    "metrics": ("pipeline/metrics.py", ["tests/test_metrics.py", "tests/test_mut_metrics.py"]),
+    "stats": ("pipeline/stats.py", ["tests/test_stats.py", "tests/test_mut_stats.py"]),
+    "losses_distill": ("pipeline/losses_distill.py", ["tests/test_distill.py", "tests/test_mut_losses.py"]),
+    "distill": ("pipeline/distill.py", ["tests/test_distill.py", "tests/test_mut_distill.py"]),
+    "store": ("pipeline/store.py", ["tests/test_store.py", "tests/test_mut_store.py"]),
+    "store_check": ("pipeline/store_check.py", ["tests/test_store.py", "tests/test_mut_store.py"]),
+    "prompt": ("pipeline/teacher/prompt.py", ["tests/test_teacher_prompt.py", "tests/test_mut_prompt.py"]),
+    "parse": ("pipeline/teacher/parse.py", ["tests/test_teacher_parse.py", "tests/test_mut_parse.py"]),
+    "identifiers": ("pipeline/teacher/identifiers.py",
+                    ["tests/test_teacher_prompt.py", "tests/test_mut_identifiers.py"]),
+    "candidates": ("pipeline/candidates.py", ["tests/test_cli_foundation.py", "tests/test_mut_candidates.py"]),
+    "sequences": ("pipeline/sequences.py", ["tests/test_sasrec.py", "tests/test_mut_sequences.py"]),
+    "prepare": ("pipeline/prepare.py", ["tests/test_prepare.py", "tests/test_mut_prepare.py"]),
+}
+
+# mutmut's exit codes per mutant (mutmut/stats.py): 1 and 3 killed, 0 survived, 33/5 no tests ran it,
+# 24/-24/152/255/36 timeout (counted as detected, as mutmut's own badge does), 34 skipped, 37 type check.
+KILLED = {1, 3, 37}
+TIMEOUT = {24, -24, 152, 255, 36}
+NO_TESTS = {33, 5}
+
+
+def _populate(dest: Path, source: str) -> str:
+    """Copy the project into dest; return the commit (or 'worktree') it came from."""
+    parts = ["pipeline", "stages", "tests", "pyproject.toml"]
+    if source == "head":
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True,
+                                capture_output=True, text=True).stdout.strip()
+        archive = subprocess.run(["git", "archive", "HEAD", *parts], cwd=ROOT, check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+        return commit
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis")
+    for part in parts:
+        src = ROOT / part
+        if src.is_dir():
+            shutil.copytree(src, dest / part, ignore=ignore)
+        else:
+            shutil.copy2(src, dest / part)
+    return "worktree"
+
+
+def _configure(dest: Path, target: str, tests: list[str]) -> list[str]:
+    """Narrow pyproject's [tool.mutmut] to one file and its tests (those that exist in this copy)."""
+    present = [t for t in tests if (dest / t).exists()]
+    text = (dest / "pyproject.toml").read_text()
+    text = re.sub(r"^\[tool\.mutmut\].*?(?=^\[|\Z)", "", text, flags=re.S | re.M)
+    text += (
+        "\n[tool.mutmut]\n"
+        'source_paths = ["pipeline"]\n'
+        'also_copy = ["stages"]\n'
+        f"only_mutate = {json.dumps([target])}\n"
+        'pytest_add_cli_args = ["-m", "not teacher and not slow", "-p", "no:cacheprovider"]\n'
+        f"pytest_add_cli_args_test_selection = {json.dumps(present)}\n"
+    )
+    (dest / "pyproject.toml").write_text(text)
+    return present
+
+
+def _count(meta: Path) -> dict[str, object]:
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    killed = sorted(k for k, c in codes.items() if c in KILLED)
+    timeout = sorted(k for k, c in codes.items() if c in TIMEOUT)
+    survived = sorted(k for k, c in codes.items() if c == 0)
+    no_tests = sorted(k for k, c in codes.items() if c in NO_TESTS)
+    other = sorted(k for k, c in codes.items() if k not in set(killed + timeout + survived + no_tests))
+    total = len(codes)
+    detected = len(killed) + len(timeout)
+    return {
+        "total": total, "killed": len(killed), "timeout": len(timeout), "survived": survived,
+        "no_tests": no_tests, "other": {k: codes[k] for k in other},
+        "score": round(100.0 * detected / total, 1) if total else None,
+    }
+
+
+def run_module(name: str, source: str, max_children: int) -> dict[str, object]:
+    target, tests = MODULES[name]
+    dest = WORK / name
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    origin = _populate(dest, source)
+    present = _configure(dest, target, tests)
+    mutmut = Path(sys.executable).with_name("mutmut")
+    env = dict(os.environ, GEDISTILL_NO_PROGRESS="1", PYTHONDONTWRITEBYTECODE="1")
+    t0 = time.monotonic()
+    proc = subprocess.run([str(mutmut), "run", "--max-children", str(max_children)], cwd=dest, env=env,
+                          capture_output=True, text=True)
+    elapsed = time.monotonic() - t0
+    (dest / "mutmut-run.log").write_text(proc.stdout + proc.stderr)
+    meta = dest / "mutants" / (target + ".meta")
+    if proc.returncode != 0 or not meta.exists():
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        raise SystemExit(f"mutmut failed on {name} (exit {proc.returncode}); log {dest}/mutmut-run.log\n{tail}")
+    result = _count(meta)
+    # The diff of each mutant that no test caught, to read next to docs/MUTATION.md's equivalence notes.
+    with open(dest / "survivors.diff", "w") as out:
+        for key in result["survived"] + result["no_tests"]:
+            shown = subprocess.run([str(mutmut), "show", key], cwd=dest, env=env, capture_output=True, text=True)
+            out.write(shown.stdout + "\n")
+    result.update(module=name, file=target, tests=present, source=origin, seconds=round(elapsed))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("modules", nargs="*", help="module names (default: all); see --list")
+    ap.add_argument("--source", choices=["head", "worktree"], default="head")
+    ap.add_argument("--max-children", type=int, default=1)
+    ap.add_argument("--list", action="store_true")
+    args = ap.parse_args(argv)
+    if args.list:
+        for name, (target, tests) in MODULES.items():
+            print(f"{name:15s} {target:32s} {' '.join(tests)}")
+        return 0
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        ap.error(f"unknown module(s) {unknown}; choose from {sorted(MODULES)}")
+    WORK.mkdir(parents=True, exist_ok=True)
+    scores = json.loads(SCORES.read_text()) if SCORES.exists() else {}
+    for name in args.modules or list(MODULES):
+        r = run_module(name, args.source, args.max_children)
+        scores[name] = r
+        SCORES.write_text(json.dumps(scores, indent=1, sort_keys=True))
+        print(f"{name:15s} {r['score']}%  killed {r['killed']} + timeout {r['timeout']} of {r['total']}; "
+              f"survived {len(r['survived'])}, no tests {len(r['no_tests'])}  [{r['source']}, {r['seconds']} s]",
+              flush=True)
+        for k in r["survived"] + r["no_tests"]:
+            print(f"    {'survived' if k in r['survived'] else 'no tests'}: {k}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
