@@ -16,10 +16,12 @@ COLORS = {"baseline": "#4c72b0", "distilled": "#dd8452"}
 
 
 def _save(fig, path: Path) -> Path:
-    """Write the figure as PNG (folder created) and free it."""
+    """Write the figure as PNG (folder created) and free it. No metadata: matplotlib writes its version
+    into a PNG text chunk (and dates into other formats); plots are a DVC output, and an output must hash
+    the same wherever the same data is plotted."""
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
     return path
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ import numpy as np
 import polars as pl
 
 from pipeline.errors import UsageError
+from pipeline.store import sha256_file
 
 SEQUENCES, ITEMS, SUMMARY = "sequences.parquet", "items.parquet", "summary.json"
 
@@ -51,8 +53,41 @@ def _length_stats(lengths: np.ndarray) -> dict:
     }
 
 
+def file_identity(path: Path) -> dict:
+    """What names an input file on every machine: its name and sha256, and for a file shipped inside an
+    installed package (the embedded MovieLens in recbole's wheel) the package==version and the path inside
+    it. Never the absolute path: it differs between machines and checkouts, so an output that records it
+    hashes differently for identical data and defeats DVC's shared cache."""
+    path = Path(path)
+    ident = {"name": path.name, "sha256": sha256_file(path)}
+    parts = path.resolve().parts
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] in ("site-packages", "dist-packages"):
+            top = parts[i + 1]
+            dists = importlib.metadata.packages_distributions().get(top, [])
+            if dists:
+                dist = dists[0]
+                ident = {"package": f"{dist}=={importlib.metadata.version(dist)}",
+                         "name": "/".join(parts[i + 1:]), "sha256": ident["sha256"]}
+            break
+    return ident
+
+
+def _host_neutral(extra: dict) -> dict:
+    """`extra` with every value that names an existing file (`interactions_file`) replaced by the file's
+    identity (name, sha256, package==version): summary.json is a DVC output and must hash the same on
+    every machine, so it records no absolute path."""
+    out = {}
+    for key, value in extra.items():
+        if isinstance(value, (str, Path)) and str(value) and Path(value).is_file():
+            value = file_identity(Path(value))
+        out[key] = value
+    return out
+
+
 def write_prepared(out: Path, seqs: pl.DataFrame, items: pl.DataFrame, extra: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
+    extra = _host_neutral(extra)
     seqs = seqs.with_columns(
         pl.col("user_idx").cast(pl.Int32), pl.col("train").cast(pl.List(pl.Int32)),
         pl.col("valid").cast(pl.Int32), pl.col("test").cast(pl.Int32),

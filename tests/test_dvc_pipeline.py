@@ -153,3 +153,29 @@ def test_dependency_walk_sees_lazy_imports_and_package_data():
     assert {"pipeline/teacher/hf_backend.py", "pipeline/teacher/convert.py",
             "pipeline/templates/rank_prompt.txt", "pipeline/store.py", "pipeline/__init__.py"} <= files
     assert command_modules()["student-train"] == "stages.train_student"
+
+
+def _png_text_chunks(data: bytes) -> list[bytes]:
+    import struct
+
+    chunks, i = [], 8
+    while i < len(data):
+        n, kind = struct.unpack(">I4s", data[i:i + 8])
+        if kind in (b"tEXt", b"iTXt", b"zTXt", b"tIME"):
+            chunks.append(kind + b":" + data[i + 8:i + 8 + n])
+        i += 12 + n
+    return chunks
+
+
+def test_plots_carry_no_host_or_version_metadata(tmp_path: Path):
+    """Fails if the PNGs that evaluate writes (a DVC output) carry a text or time chunk: matplotlib's default
+    writes `Software: Matplotlib version...`, so the plots' hash changed with the plotting library's version
+    on otherwise identical runs."""
+    import numpy as np
+
+    from pipeline.plots import plot_teacher
+
+    path = plot_teacher(np.array([3, 1, 0]), {"teacher": np.array([1, 2, 1])}, tmp_path / "t.png")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _png_text_chunks(data) == []

@@ -120,3 +120,53 @@ def test_recbole_time_order_merges_near_timestamps_into_file_order_ties():
     assert exact.row(0, named=True)["train"] == [1, 3]
     rb, _, _ = build_sequences(inter, None, PrepareConfig(time_order="recbole"))
     assert rb.row(0, named=True)["train"] == [1, 2]
+
+
+def _strings(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+    elif isinstance(obj, str):
+        yield obj
+
+
+def test_summary_is_the_same_wherever_the_input_lives(tmp_path: Path):
+    """Fails if summary.json (a DVC output) records the absolute path of the input file (or any other
+    absolute path): two checkouts of one dataset then write different bytes, DVC hashes them differently
+    and a shared cache cannot deduplicate. Both runs go through the installed `gedistill prepare`."""
+    import json
+
+    from tests.conftest import synthetic_interactions
+    from tests.test_entrypoint import run_gedistill
+
+    summaries = []
+    for clone in ("a", "b"):
+        inter = tmp_path / clone / "in" / "inter.csv"
+        inter.parent.mkdir(parents=True)
+        synthetic_interactions(n_users=8, n_items=12, length=6).write_csv(inter)
+        r = run_gedistill("prepare", "--interactions", str(inter), "--out", "prep", cwd=tmp_path / clone)
+        assert r.returncode == 0, r.stderr
+        summaries.append((tmp_path / clone / "prep" / "summary.json").read_bytes())
+    assert summaries[0] == summaries[1]
+    summary = json.loads(summaries[0])
+    assert not [s for s in _strings(summary) if str(tmp_path) in s or s.startswith("/")]
+    ident = summary["interactions_file"]  # what names the source instead: file name and content hash
+    assert ident["name"] == "inter.csv" and len(ident["sha256"]) == 64
+
+
+def test_embedded_source_is_named_by_package_and_version(tmp_path: Path):
+    """Fails if the embedded dataset is recorded by its path in this machine's site-packages instead of
+    recbole==version and the path inside the package."""
+    import json
+
+    from tests.test_entrypoint import run_gedistill
+
+    r = run_gedistill("prepare", "--out", str(tmp_path / "prep"))
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "prep" / "summary.json").read_text())
+    assert not [s for s in _strings(summary) if s.startswith("/") or "site-packages" in s]
+    assert summary["interactions_file"]["package"] == "recbole==1.2.1"
+    assert summary["interactions_file"]["name"] == "recbole/dataset_example/ml-100k/ml-100k.inter"
