@@ -20,6 +20,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from pipeline.errors import UsageError
+from pipeline.teacher.dtype_choice import choose_dtype
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,11 @@ class VLLMTeacher:
         self.hidden_size = int(config.hidden_size)
         self.context_length = int(getattr(config, "max_position_embeddings", 4096))
         self.revision = getattr(config, "_commit_hash", None)
-        self.llm = LLM(cfg.location, runner="pooling", dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+        # Never vLLM's own "auto": it picks float16 on a CPU, which runs on a path 18x slower (DESIGN.md 13).
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype_choice = choose_dtype(cfg.dtype, device)
+        self.llm = LLM(cfg.location, runner="pooling", dtype=self.dtype_choice.name,
+                       trust_remote_code=cfg.trust_remote_code,
                        pooler_config=PoolerConfig(pooling_type="LAST", use_activation=False))
         self._dtype_name = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
         self.head = _lm_head_rows(Path(cfg.location), bool(getattr(config, "tie_word_embeddings", False)))
@@ -53,7 +58,7 @@ class VLLMTeacher:
         return self._dtype_name
 
     def run(self, prompts: list[list[int]], ident_ids: list[int], mode: str = "first-token",
-            progress: Callable[[int], None] | None = None) -> SimpleNamespace:
+            progress: Callable[[int], None] | None = None, max_new_tokens: int | None = None) -> SimpleNamespace:
         if mode != "first-token":
             raise UsageError("the vLLM backend does first-token mode only (its generate API returns no hidden "
                              "states); use --backend hf for generate mode")
