@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Literal, Protocol
@@ -14,7 +15,8 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor, nn
 
-from pipeline.metrics import mask_seen, summarize, target_ranks
+from pipeline.errors import UsageError
+from pipeline.metrics import NonFiniteScores, masked_target_ranks, summarize, target_ranks
 from pipeline.prepared import Prepared
 from pipeline.sasrec import SASRec
 from pipeline.sequences import left_pad, training_windows
@@ -49,6 +51,7 @@ class Objective(Protocol):
 class FitResult:
     best_epoch: int
     history: list[dict] = field(default_factory=list)
+    diverged_epoch: int | None = None  # the epoch whose loss or scores were non-finite; training stopped there
 
 
 def next_item_loss(model: SASRec, x: Tensor, y: Tensor, kind: str, n_neg: int, gen: torch.Generator) -> Tensor:
@@ -84,10 +87,12 @@ def rank_targets(model: SASRec, histories: list[np.ndarray], targets: np.ndarray
     for i in range(0, len(histories), batch):
         seqs = left_pad(histories[i:i + batch], L)
         scores = model.score_all(model.user_embedding(seqs))
+        tg = torch.as_tensor(targets[i:i + batch])
         if masked:  # mask the whole history, not only the last L items
             full = left_pad(histories[i:i + batch], max(len(h) for h in histories[i:i + batch]))
-            mask_seen(scores, full)
-        out.append(target_ranks(scores, torch.as_tensor(targets[i:i + batch])).numpy())
+            out.append(masked_target_ranks(scores, tg, full).numpy())
+        else:
+            out.append(target_ranks(scores, tg).numpy())
     model.train(was)
     return np.concatenate(out)
 
@@ -104,15 +109,22 @@ def _progress() -> Progress:
 
 def fit(model: SASRec, prepared: Prepared, cfg: TrainConfig, objective: Objective | None = None,
         show_progress: bool = True) -> FitResult:
-    """Train with early stopping on validation NDCG@10; the model ends with its best weights."""
+    """Train with early stopping on validation NDCG@10.
+
+    The model and the objective's parameters (the distillation projector) both end with the best
+    epoch's values, so a checkpoint pairs weights of one epoch. A diverged epoch (non-finite
+    training loss, or NaN/+inf validation scores) is never kept: NaN weights do not recover, so
+    training stops there with the best earlier epoch restored and `diverged_epoch` set. If no
+    earlier epoch was finite there is nothing to keep: UsageError.
+    """
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     X, Y = (torch.from_numpy(a) for a in training_windows(prepared.train, model.config.max_len, cfg.stride))
-    params = list(model.parameters()) + (list(objective.parameters()) if objective else [])
-    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    extra = list(objective.parameters()) if objective else []
+    opt = torch.optim.Adam(list(model.parameters()) + extra, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = (len(X) + cfg.batch_size - 1) // cfg.batch_size
-    result, best, best_state, step, stale = FitResult(best_epoch=0), -1.0, None, 0, 0
+    result, best, best_state, best_extra, step, stale = FitResult(best_epoch=0), -1.0, None, None, 0, 0
     with _progress() as prog:
         task = prog.add_task("train", total=steps, info="", visible=show_progress)
         for epoch in range(1, cfg.epochs + 1):
@@ -121,6 +133,7 @@ def fit(model: SASRec, prepared: Prepared, cfg: TrainConfig, objective: Objectiv
             order = torch.from_numpy(rng.permutation(len(X)))
             prog.reset(task, total=steps, description=f"epoch {epoch}")
             sums: dict[str, float] = {}
+            diverged, done = "", 0
             for b in range(steps):
                 idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
                 logs: dict[str, float] = {}
@@ -133,24 +146,42 @@ def fit(model: SASRec, prepared: Prepared, cfg: TrainConfig, objective: Objectiv
                     l_extra, extra_logs = objective.loss(model, step)
                     loss = loss + l_extra
                     logs.update(extra_logs)
+                logs["loss"] = loss.item()
+                if not math.isfinite(logs["loss"]):  # stop before the step spreads it into the weights
+                    diverged = f"training loss {logs['loss']} at step {step}"
+                    break
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 step += 1
-                logs["loss"] = loss.item()
+                done += 1
                 for k, v in logs.items():
                     sums[k] = sums.get(k, 0.0) + v
                 prog.update(task, advance=1, info=f"loss {logs['loss']:.4f}")
             train_s = time.perf_counter() - t0
-            row = {"epoch": epoch, **{k: v / steps for k, v in sums.items()}, "train_seconds": train_s}
+            row = {"epoch": epoch, **{k: v / max(1, done) for k, v in sums.items()}, "train_seconds": train_s}
             if objective is not None:
                 row.update(objective.end_epoch())
-            row.update({f"valid_{k}": v for k, v in evaluate(model, prepared, "valid").items()})
+            if not diverged:
+                try:
+                    row.update({f"valid_{k}": v for k, v in evaluate(model, prepared, "valid").items()})
+                except NonFiniteScores as e:
+                    diverged = f"validation scores: {e}"
+            if diverged:
+                row["diverged"] = diverged
+                result.history.append(row)
+                result.diverged_epoch = epoch
+                if best_state is None:
+                    raise UsageError(f"training diverged in epoch {epoch} ({diverged}) before any epoch finished "
+                                     "with finite scores; lower --lr")
+                log.warning("epoch %d diverged (%s): stopping with epoch %d's weights", epoch, diverged, result.best_epoch)
+                break
             result.history.append(row)
             log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items() if k != "epoch"})
             if row["valid_ndcg@10"] > best:
                 best, result.best_epoch, stale = row["valid_ndcg@10"], epoch, 0
                 best_state = copy.deepcopy(model.state_dict())
+                best_extra = [p.detach().clone() for p in extra]
             else:
                 stale += 1
                 if stale >= cfg.patience:
@@ -158,5 +189,8 @@ def fit(model: SASRec, prepared: Prepared, cfg: TrainConfig, objective: Objectiv
                     break
     if best_state is not None:
         model.load_state_dict(best_state)
+        with torch.no_grad():  # the projector of the same epoch as the weights
+            for p, v in zip(extra, best_extra or []):
+                p.copy_(v)
     model.eval()
     return result
