@@ -13,8 +13,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipeline.errors import UsageError
 from pipeline.teacher.dump import Backend, DumpConfig, DumpInputs, DumpReport, load_inputs, run_dump
+from stages.train_student import ensure_writable
 
 log = logging.getLogger(__name__)
+
+HF_BATCH_SIZE = 8
 
 
 def teacher_dump(
@@ -31,7 +34,8 @@ def teacher_dump(
         help="hf: transformers (tested). vllm: first-token mode via vLLM's pooling runner (untested here).")] = "hf",
     dtype: Annotated[Literal["auto", "bfloat16", "float32", "float16"], typer.Option(
         help="Compute dtype; auto = bfloat16 on CPUs with native bf16 (and GPUs), else float32.")] = "auto",
-    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per forward pass (length-sorted, left-padded).")] = 8,
+    batch_size: Annotated[int, typer.Option(min=1, help="hf: prompts per forward pass (length-sorted, left-padded). "
+                                                       "vllm schedules its own batches.")] = HF_BATCH_SIZE,
     history_len: Annotated[int, typer.Option(min=0, help="Most recent history items shown to the teacher.")] = 10,
     max_prompt_tokens: Annotated[int | None, typer.Option(
         min=16, help="Prompt budget; older history is dropped to fit. Default: the model's context.")] = None,
@@ -49,7 +53,8 @@ def teacher_dump(
     num_workers: Annotated[int, typer.Option(min=1, help="Split the shards among W independent runs.")] = 1,
     worker_index: Annotated[int, typer.Option(min=0, help="Which of the W runs this is (0..W-1).")] = 0,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N samples (smoke runs).")] = None,
-    threads: Annotated[int, typer.Option(min=0, help="torch threads; 0 = torch's default.")] = 0,
+    threads: Annotated[int, typer.Option(min=0, help="hf: torch threads; 0 = torch's default. vllm: set "
+                                                    "VLLM_CPU_OMP_THREADS_BIND instead.")] = 0,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own code (off unless you trust it).")] = False,
     replace_mismatched: Annotated[bool, typer.Option(
         help="If --out holds a store made with other settings, delete it (with a warning) instead of refusing. "
@@ -60,11 +65,20 @@ def teacher_dump(
         raise UsageError(f"--worker-index must be below --num-workers ({num_workers}), got {worker_index}")
     if backend == "vllm" and mode != "first-token":
         raise UsageError("--backend vllm does first-token mode only; use --backend hf for --mode generate")
+    if backend == "vllm":
+        # vLLM batches by its own scheduler and runs the model in spawned workers: neither option
+        # would reach it, so taking them would be accepting and ignoring them.
+        ignored = [f for f, on in (("--batch-size", batch_size != HF_BATCH_SIZE), ("--threads", threads != 0)) if on]
+        if ignored:
+            raise UsageError(f"{' and '.join(ignored)} apply to --backend hf only: vLLM schedules its own batches and "
+                             "its workers take threads from VLLM_CPU_OMP_THREADS_BIND; drop them")
     cfg = DumpConfig(mode=mode, backend=backend, history_len=history_len, max_prompt_tokens=max_prompt_tokens, identifiers=identifiers,
                      template=template, candidate_order=candidate_order, seed=seed, h_dec_dtype=h_dec_dtype,
                      store_prompt=store_prompt, max_new_tokens=max_new_tokens, shard_rows=shard_rows,
                      num_workers=num_workers, worker_index=worker_index, replace_mismatched=replace_mismatched)
     inputs = load_inputs(prepared, candidates, limit)
+    # before the model loads (seconds to minutes): a wrong --out is reported at once
+    ensure_writable(out)
 
     import torch  # stage one only: the LLM stack is imported here, never by the CLI module
 

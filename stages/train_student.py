@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.checkpoint import save_student
+from pipeline.checkpoint import CONFIG, save_student
 from pipeline.distill import DistillConfig, DistillObjective, init_from_baseline, open_teacher_store
 from pipeline.errors import UsageError
 from pipeline.metrics import DEFAULT_METRICS, summarize
@@ -26,6 +26,9 @@ from pipeline.train import FitResult, TrainConfig, fit, rank_targets, split_inpu
 
 log = logging.getLogger(__name__)
 
+TIMING_FIELDS = ("train_seconds",)  # per-epoch history fields that measure the machine, not the run
+DEFAULT_BASELINE = Path("data/students/baseline")
+
 
 def set_threads(threads: int) -> None:
     """0 keeps torch's default. On a shared machine, spin-waiting threads fight (DESIGN.md point 11)."""
@@ -33,9 +36,46 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def ensure_writable(*paths: Path) -> None:
+    """Refuse an output folder that cannot be created or written, before hours of work end in a failed
+    write. Creates nothing: the nearest existing folder must be a writable directory (access(2) also
+    reports a read-only file system)."""
+    for folder in paths:
+        probe = folder
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise UsageError(f"{probe} is a file, but {folder} must be a folder; choose another output path")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise UsageError(f"cannot write to {probe} (read-only or no permission); choose a writable output path")
+
+
+def timing_path(metrics_path: Path) -> Path:
+    """Seconds per epoch, next to the metrics file: outside the checkpoint folder that DVC hashes."""
+    return metrics_path.with_name(f"{metrics_path.stem}.timing.json")
+
+
+def check_calibrate(dcfg: DistillConfig, modes: dict[Path, str | None]) -> None:
+    """--calibrate re-ranks by the decision-step identifier scores. A generate-mode store's ranking is
+    the generated text, so calibration would silently replace it with another ranking; only the
+    scores target (and no rank-based weighting) leaves the generated ranking unused anyway."""
+    generated = [str(p) for p, mode in modes.items() if mode == "generate"]
+    if not dcfg.calibrate or not generated:
+        return
+    uses_ranking = [flag for flag, on in (("--teacher-target ranking", dcfg.target == "ranking"),
+                                          ("--gamma-position", dcfg.gamma_position > 0),
+                                          ("--gamma-agreement", dcfg.gamma_agreement > 0)) if on]
+    if uses_ranking:
+        raise UsageError(
+            f"--calibrate re-ranks candidates by the first-token identifier scores, which would replace the generated "
+            f"ranking of {', '.join(generated)} (a generate-mode store) used by {', '.join(uses_ranking)}; drop "
+            "--calibrate to learn the generated ranking, or use --teacher-target scores without rank weighting")
+
+
 def final_report(model: SASRec, prepared: Prepared, out: Path, run_name: str, metrics_path: Path,
                  result: FitResult, settings: dict) -> dict:
-    """Evaluate valid/test (unmasked, and with seen items masked), write metrics JSON + per-user ranks."""
+    """Evaluate valid/test (unmasked, and with seen items masked), write per-user ranks, history and
+    timings; return the metrics, which the caller writes last (after the checkpoint)."""
     metrics: dict = {}
     ranks = []
     for split in ("valid", "test"):
@@ -49,10 +89,14 @@ def final_report(model: SASRec, prepared: Prepared, out: Path, run_name: str, me
     metrics["epochs_run"] = len(result.history)
     metrics["run"] = run_name
     pl.concat(ranks).write_parquet(out / "ranks.parquet")
-    (out / "history.json").write_text(json.dumps(result.history, indent=1) + "\n")
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    # Wall-clock seconds differ between identical runs: kept out of the hashed checkpoint folder, so
+    # two machines running the same stage produce byte-identical outputs (and DVC can share them).
+    history = [{k: v for k, v in row.items() if k not in TIMING_FIELDS} for row in result.history]
+    timings = [{"epoch": row["epoch"], **{k: row[k] for k in TIMING_FIELDS if k in row}} for row in result.history]
+    (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
     (out / "settings.json").write_text(json.dumps(settings, indent=2, default=str) + "\n")
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    timing_path(metrics_path).write_text(json.dumps({"run": run_name, "epochs": timings}, indent=1) + "\n")
 
     table = Table(title=f"{run_name}: full ranking over {prepared.n_items:,} items, {prepared.n_users:,} users")
     table.add_column("split")
@@ -70,21 +114,21 @@ def student_train(
     run_name: Annotated[str | None, typer.Option(help="Names the run's files. Default: 'baseline', or 'distilled' with --teacher-cache.")] = None,
     metrics: Annotated[Path | None, typer.Option(help="Metrics JSON for DVC. Default: data/metrics/<run-name>.json.")] = None,
     teacher_cache: Annotated[list[Path] | None, typer.Option(help="Teacher store written by `gedistill teacher-dump`; repeat to train on several stores together; omit for the baseline.")] = None,
-    candidates: Annotated[list[Path] | None, typer.Option(help="Candidates file each store was made from (same order), checked by fingerprint. Default, for one store: data/candidates/candidates.parquet when it exists.")] = None,
+    candidates: Annotated[list[Path] | None, typer.Option(help="Candidates file each store was made from (same order), checked by fingerprint. Not given: no candidates check (the rows carry their own candidates; the prepared data is always checked).")] = None,
     w_rec: Annotated[float, typer.Option(min=0.0, help="Weight of the next-item loss; 0 with a teacher = the source method (L_rank + lambda L_emb).")] = 1.0,
-    w_rank: Annotated[float, typer.Option(min=0.0, help="Weight of the ListNet loss on the teacher's K candidates.")] = 1.0,
-    lambda_emb: Annotated[float, typer.Option(min=0.0, help="Weight of the embedding loss d(W_p(h_dec), u_sas).")] = 1.0,
-    emb_loss: Annotated[str, typer.Option(help="mse (the source), cosine or standardized.")] = "cosine",
-    teacher_target: Annotated[str, typer.Option(help="ranking: softmax(-rank/T); scores: softmax(identifier logits/T).")] = "ranking",
-    teacher_temperature: Annotated[float, typer.Option(min=1e-6, help="T of the teacher target.")] = 1.0,
-    gamma_position: Annotated[float, typer.Option(min=0.0, max=1.0, help="DLLM2Rec rank-position weighting (0 = off).")] = 0.0,
-    gamma_confidence: Annotated[float, typer.Option(min=0.0, max=1.0, help="DLLM2Rec teacher-confidence weighting (0 = off).")] = 0.0,
-    gamma_agreement: Annotated[float, typer.Option(min=0.0, max=1.0, help="DLLM2Rec teacher-student agreement weighting (0 = off).")] = 0.0,
-    calibrate: Annotated[bool, typer.Option(help="Remove the teacher's position bias: subtract each identifier position's mean score, re-rank.")] = False,
-    teacher_batch_size: Annotated[int, typer.Option(min=2, help="Teacher samples drawn per optimizer step.")] = 32,
-    buffer_rows: Annotated[int, typer.Option(min=2, help="Shuffle buffer over the store, in rows (bounds memory).")] = 4096,
-    init: Annotated[str, typer.Option(help="scratch, or baseline: start from --baseline's weights.")] = "scratch",
-    baseline: Annotated[Path, typer.Option(help="Baseline checkpoint for --init baseline.")] = Path("data/students/baseline"),
+    w_rank: Annotated[float, typer.Option(min=0.0, help="Weight of the ListNet loss on the teacher's K candidates.")] = DistillConfig.w_rank,
+    lambda_emb: Annotated[float, typer.Option(min=0.0, help="Weight of the embedding loss d(W_p(h_dec), u_sas).")] = DistillConfig.lambda_emb,
+    emb_loss: Annotated[str, typer.Option(help="mse (the source), cosine or standardized.")] = DistillConfig.emb_loss,
+    teacher_target: Annotated[str, typer.Option(help="ranking: softmax(-rank/T); scores: softmax(identifier logits/T).")] = DistillConfig.target,
+    teacher_temperature: Annotated[float, typer.Option(min=1e-6, help="T of the teacher target.")] = DistillConfig.temperature,
+    gamma_position: Annotated[float, typer.Option(min=0.0, max=1.0, help="DLLM2Rec rank-position weighting (0 = off).")] = DistillConfig.gamma_position,
+    gamma_confidence: Annotated[float, typer.Option(min=0.0, max=1.0, help="DLLM2Rec teacher-confidence weighting (0 = off).")] = DistillConfig.gamma_confidence,
+    gamma_agreement: Annotated[float, typer.Option(min=0.0, max=1.0, help="DLLM2Rec teacher-student agreement weighting (0 = off).")] = DistillConfig.gamma_agreement,
+    calibrate: Annotated[bool, typer.Option(help="Remove the teacher's position bias: subtract each identifier position's mean score, re-rank (first-token stores; with a generate-mode store only with --teacher-target scores).")] = DistillConfig.calibrate,
+    teacher_batch_size: Annotated[int, typer.Option(min=2, help="Teacher samples drawn per optimizer step.")] = DistillConfig.teacher_batch_size,
+    buffer_rows: Annotated[int, typer.Option(min=2, help="Shuffle buffer over the store, in rows (bounds memory).")] = DistillConfig.buffer_rows,
+    init: Annotated[str, typer.Option(help="scratch, or baseline: start from --baseline's weights (with --teacher-cache).")] = DistillConfig.init,
+    baseline: Annotated[Path, typer.Option(help="Baseline checkpoint for --init baseline.")] = DEFAULT_BASELINE,
     hidden: Annotated[int, typer.Option(min=8)] = SasrecConfig.hidden,
     blocks: Annotated[int, typer.Option(min=1)] = SasrecConfig.n_blocks,
     heads: Annotated[int, typer.Option(min=1)] = SasrecConfig.n_heads,
@@ -109,12 +153,37 @@ def student_train(
     set_threads(threads)
     stores_in = list(teacher_cache or [])
     cands_in = list(candidates or [])
+    # Options that only shape distillation: given without a store they would be accepted and ignored.
+    teacher_only = {
+        "--candidates": (cands_in, []), "--w-rank": (w_rank, DistillConfig.w_rank),
+        "--lambda-emb": (lambda_emb, DistillConfig.lambda_emb), "--emb-loss": (emb_loss, DistillConfig.emb_loss),
+        "--teacher-target": (teacher_target, DistillConfig.target),
+        "--teacher-temperature": (teacher_temperature, DistillConfig.temperature),
+        "--gamma-position": (gamma_position, DistillConfig.gamma_position),
+        "--gamma-confidence": (gamma_confidence, DistillConfig.gamma_confidence),
+        "--gamma-agreement": (gamma_agreement, DistillConfig.gamma_agreement),
+        "--calibrate": (calibrate, DistillConfig.calibrate),
+        "--teacher-batch-size": (teacher_batch_size, DistillConfig.teacher_batch_size),
+        "--buffer-rows": (buffer_rows, DistillConfig.buffer_rows), "--init": (init, DistillConfig.init),
+        "--baseline": (baseline, DEFAULT_BASELINE),
+    }
+    given = [flag for flag, (value, default) in teacher_only.items() if value != default]
+    if not stores_in and given:
+        raise UsageError(f"{', '.join(given)} only apply to distillation from a teacher store; add --teacher-cache "
+                         "STORE, or drop them to train the baseline")
+    if baseline != DEFAULT_BASELINE and init != "baseline":
+        raise UsageError("--baseline is read only with --init baseline; add --init baseline or drop --baseline")
     if cands_in and len(cands_in) != len(stores_in):
         raise typer.BadParameter(f"{len(cands_in)} --candidates for {len(stores_in)} --teacher-cache: give one per store, in order")
+    if stores_in and w_rec == 0 and w_rank == 0 and lambda_emb == 0:
+        raise typer.BadParameter("--w-rec, --w-rank and --lambda-emb are all 0: nothing to train")
+    if not stores_in and w_rec == 0:
+        raise typer.BadParameter("--w-rec 0 without --teacher-cache leaves nothing to train")
     run = run_name or ("distilled" if stores_in else "baseline")
     out = out or Path("data/students") / run
     metrics_path = metrics or Path("data/metrics") / f"{run}.json"
     data = load_prepared(prepared)
+    ensure_writable(out, metrics_path.parent)
     cfg = SasrecConfig(n_items=data.n_items, hidden=hidden, n_blocks=blocks, n_heads=heads, max_len=max_len,
                        dropout=dropout, attn_dropout=dropout)
     tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,  # type: ignore[arg-type]
@@ -128,26 +197,26 @@ def student_train(
                              gamma_confidence=gamma_confidence, gamma_agreement=gamma_agreement,
                              calibrate=calibrate, teacher_batch_size=teacher_batch_size, buffer_rows=buffer_rows,
                              init=init, seed=seed)  # type: ignore[arg-type]
-        if w_rec == 0 and w_rank == 0 and lambda_emb == 0:
-            raise typer.BadParameter("--w-rec, --w-rank and --lambda-emb are all 0: nothing to train")
-        default_cands = Path("data/candidates/candidates.parquet")
-        if not cands_in:
-            cands_in = [default_cands if len(stores_in) == 1 and default_cands.is_file() else None] * len(stores_in)
-        stores = [open_teacher_store(st, data, c) for st, c in zip(stores_in, cands_in)]
+        # No --candidates: no check against a file the user did not name (a default path in the
+        # working directory may belong to another project or an older retrieval).
+        stores = [open_teacher_store(st, data, c) for st, c in zip(stores_in, cands_in or [None] * len(stores_in))]
         shapes = {(st.hidden_size, st.k) for st in stores}
         if len(shapes) > 1:
             raise UsageError(f"the teacher stores differ in (h_dec width, K): {sorted(shapes)}; train on stores of one teacher and K")
+        check_calibrate(dcfg, {p: st.settings.get("mode") for p, st in zip(stores_in, stores)})
         if init == "baseline":
             init_from_baseline(model, baseline, data)
         objective = DistillObjective(dcfg, data, [p for st in stores for p in st.shard_paths], hidden, max_len)
-    elif w_rec == 0:
-        raise typer.BadParameter("--w-rec 0 without --teacher-cache leaves nothing to train")
     log.info("training %s on %d users, %d items (threads=%d)", run, data.n_users, data.n_items, torch.get_num_threads())
     result = fit(model, data, tcfg, objective=objective, show_progress=os.environ.get("GEDISTILL_NO_PROGRESS") is None)
     out.mkdir(parents=True, exist_ok=True)
+    # An older checkpoint in `out` stops being loadable before its files are replaced, so a write that
+    # fails half-way never leaves old weights beside new ranks; the metrics file comes last.
+    (out / CONFIG).unlink(missing_ok=True)
     distill_meta = {"distill": asdict(dcfg), "teacher_cache": [str(p) for p in stores_in]} if dcfg else {}
+    report = final_report(model, data, out, run, metrics_path, result,
+                          {"sasrec": asdict(cfg), "train": asdict(tcfg), **distill_meta})
     save_student(out, model, {"run": run, "prepared_fingerprint": data.fingerprint, "train": asdict(tcfg),
                               "best_epoch": result.best_epoch, **distill_meta},
                  extra_tensors={f"projector.{k}": v for k, v in objective.projector.state_dict().items()} if objective else None)
-    final_report(model, data, out, run, metrics_path, result,
-                 {"sasrec": asdict(cfg), "train": asdict(tcfg), **distill_meta})
+    metrics_path.write_text(json.dumps(report, indent=2) + "\n")

@@ -91,3 +91,97 @@ def test_sample_selection_last_positions_and_skip():
     assert list(zip(u.tolist(), p.tolist())) == [(0, 4)]  # user 1 has no position left before its last
     u, p = select_samples(train, None)
     assert p.tolist() == [1, 2, 3, 4, 5, 1]
+
+
+# --- options that would be accepted and ignored are refused (issue 9 item 5) ---------------------
+
+TEACHER_ONLY = [
+    ("--w-rank", "0.5"), ("--lambda-emb", "2"), ("--emb-loss", "mse"), ("--teacher-target", "scores"),
+    ("--teacher-temperature", "2"), ("--gamma-position", "0.3"), ("--gamma-confidence", "0.3"),
+    ("--gamma-agreement", "0.3"), ("--calibrate",), ("--teacher-batch-size", "8"), ("--buffer-rows", "64"),
+    ("--init", "baseline"), ("--baseline", "elsewhere"), ("--candidates", "c.parquet"),
+]
+
+
+@pytest.mark.parametrize("option", TEACHER_ONLY, ids=[o[0] for o in TEACHER_ONLY])
+def test_distillation_options_without_a_store_are_refused(option, tmp_path: Path, capsys):
+    """Fails if a distillation option given without --teacher-cache is accepted and ignored (the
+    baseline then trains as if it had not been given)."""
+    assert run(["student-train", "--prepared", str(tmp_path / "nothing"), *option]) == 2
+    err = capsys.readouterr().err
+    assert option[0] in err and "--teacher-cache" in err
+
+
+def _fake_store(root: Path, mode: str = "first-token") -> tuple[Path, Path, Path]:
+    from pipeline.teacher.dump import DumpConfig, load_inputs, run_dump
+    from tests.teacher_fixtures import FAKE_TEACHER, FakeBackend, make_inputs
+
+    prepared, cands = make_inputs(root / "in")
+    store = root / f"store-{mode}"
+    run_dump(DumpConfig(shard_rows=4, mode=mode), load_inputs(prepared, cands), FakeBackend(), FAKE_TEACHER, store)
+    return prepared, cands, store
+
+
+TINY = ["--hidden", "16", "--heads", "1", "--blocks", "1", "--max-len", "6", "--epochs", "1", "--threads", "1",
+        "--teacher-batch-size", "4", "--buffer-rows", "8"]
+
+
+def test_baseline_path_without_init_baseline_is_refused(tmp_path: Path, capsys):
+    """Fails if --baseline is accepted with --init scratch (it was read only for --init baseline)."""
+    prepared, _, store = _fake_store(tmp_path)
+    assert run(["student-train", "--prepared", str(prepared), "--teacher-cache", str(store),
+                "--baseline", str(tmp_path / "b"), "--out", str(tmp_path / "s"), *TINY]) == 2
+    assert "--init baseline" in capsys.readouterr().err
+    assert not (tmp_path / "s" / "config.json").exists()
+
+
+def test_calibrate_on_a_generated_ranking_is_refused(tmp_path: Path, capsys):
+    """Fails if --calibrate silently replaces a generate-mode store's generated ranking with the
+    re-ranked first-token scores. With --teacher-target scores (no rank weighting) the generated
+    ranking is not used, so calibration is honest there and must still run."""
+    prepared, _, store = _fake_store(tmp_path, "generate")
+    common = ["student-train", "--prepared", str(prepared), "--teacher-cache", str(store), "--calibrate", *TINY]
+    assert run([*common, "--out", str(tmp_path / "a"), "--metrics", str(tmp_path / "a.json")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "generate-mode store" in err and "--teacher-target scores" in err
+    assert not (tmp_path / "a" / "config.json").exists()
+    assert run([*common, "--teacher-target", "scores", "--out", str(tmp_path / "b"),
+                "--metrics", str(tmp_path / "b.json")]) == 0
+    assert (tmp_path / "b" / "config.json").is_file()
+
+
+def test_calibrate_on_a_first_token_store_runs(tmp_path: Path):
+    """The refusal is for generate-mode stores only: fails if --calibrate is refused on first-token."""
+    prepared, _, store = _fake_store(tmp_path)
+    assert run(["student-train", "--prepared", str(prepared), "--teacher-cache", str(store), "--calibrate",
+                *TINY, "--out", str(tmp_path / "s"), "--metrics", str(tmp_path / "s.json")]) == 0
+
+
+@pytest.mark.parametrize("option", [("--batch-size", "4"), ("--threads", "1")])
+def test_vllm_backend_refuses_hf_only_options(option, tmp_path: Path, capsys):
+    """Fails if `teacher-dump --backend vllm` accepts --batch-size/--threads, which never reach vLLM."""
+    assert run(["teacher-dump", "--backend", "vllm", "--prepared", str(tmp_path / "none"), *option]) == 2
+    err = capsys.readouterr().err
+    assert option[0] in err and "--backend hf" in err
+
+
+def test_history_holds_no_timings_and_identical_runs_are_byte_identical(tmp_path: Path, tiny_csv):
+    """Fails if per-epoch seconds (or anything else machine-dependent) land in the checkpoint folder
+    that DVC hashes: two identical runs must produce byte-identical folders. The timings go to
+    <metrics-stem>.timing.json next to the metrics file instead."""
+    inter, items = tiny_csv
+    prep = tmp_path / "prep"
+    assert run(["prepare", "--out", str(prep), "--interactions", str(inter), "--items", str(items)]) == 0
+    for name in ("a", "b"):
+        assert run(["student-train", "--prepared", str(prep), "--out", str(tmp_path / name),
+                    "--metrics", str(tmp_path / f"m{name}" / "baseline.json"), "--hidden", "16", "--max-len", "8",
+                    "--epochs", "2", "--threads", "1"]) == 0
+    files_a = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files_a == sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert {"model.safetensors", "config.json", "history.json", "ranks.parquet", "settings.json"} <= set(files_a)
+    for name in files_a:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    history = json.loads((tmp_path / "a" / "history.json").read_text())
+    assert len(history) == 2 and not any("seconds" in k for row in history for k in row)
+    timing = json.loads((tmp_path / "ma" / "baseline.timing.json").read_text())
+    assert [r["epoch"] for r in timing["epochs"]] == [1, 2] and all(r["train_seconds"] > 0 for r in timing["epochs"])
