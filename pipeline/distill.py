@@ -95,6 +95,7 @@ class DistillObjective:
             bound = 1.0 / math.sqrt(self.teacher_width)
             self.projector.weight.uniform_(-bound, bound, generator=g)
             self.projector.bias.uniform_(-bound, bound, generator=g)
+        check_rows_against_training(shards, prepared)
         self.position_mean = position_mean_scores(shards) if cfg.calibrate else None
         self.stream = TeacherStream(
             shards, cfg.teacher_batch_size, buffer_rows=cfg.buffer_rows, seed=cfg.seed, skip_failed=cfg.skip_failed
@@ -111,7 +112,7 @@ class DistillObjective:
         hist = []
         for sid, u, p, t in zip(b.sample_id, b.user_idx, b.position, b.target):
             seq = train[u] if 0 <= u < len(train) else None
-            if seq is None or p >= len(seq) or seq[p] != t:
+            if seq is None or p >= len(seq) or seq[p] != t:  # check_rows_against_training ran first: a defence
                 raise UsageError(
                     f"teacher sample {sid} (user_idx {u}, position {p}, target {t}) does not match the "
                     "prepared training sequences: the store was made from other prepared data"
@@ -119,17 +120,36 @@ class DistillObjective:
             hist.append(seq[max(0, p - self.max_len):p])
         return left_pad(hist, self.max_len)
 
+    def targets(self, b: TeacherBatch, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, Tensor | None]:
+        """(ranks [B, K], target distribution q [B, K], confidence distribution [B, K] or None) of a batch.
+
+        ranks come from the stored ranking, or with --calibrate from the calibrated scores. The
+        confidence weight (gamma_confidence) needs the teacher's own confidence: softmax(score / T)
+        of the (calibrated) identifier scores, whatever the target. With target="ranking",
+        softmax(-rank / T) has the same entropy in every row, so it cannot weight anything.
+        """
+        cfg = self.cfg
+        ranks = ranks_from_ranking(torch.from_numpy(b.ranking).to(device))  # [B, K]
+        scores = torch.from_numpy(b.scores).to(device) if b.scores.shape[1] else None
+        if (cfg.calibrate or cfg.target == "scores" or cfg.gamma_confidence > 0) and scores is None:
+            raise UsageError("the teacher store holds no identifier scores, which --calibrate, --teacher-target scores "
+                             "and --gamma-confidence need; use the defaults or a store with scores")
+        if self.position_mean is not None:
+            scores = scores - torch.from_numpy(self.position_mean).to(device)
+            ranks = ranks_from_ranking(scores.argsort(dim=1, descending=True))
+        q = teacher_distribution(ranks, scores, cfg.target, cfg.temperature)
+        conf = None
+        if cfg.gamma_confidence > 0:
+            conf = q if cfg.target == "scores" else torch.softmax(scores.float() / cfg.temperature, dim=1)
+        return ranks, q, conf
+
     def loss(self, model: SASRec, step: int) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg
         b = next(self._batches)
         device = next(model.parameters()).device
         seqs = self._histories(b).to(device)  # [B, L]
         cands = torch.from_numpy(b.candidates).to(device)  # [B, K]
-        ranks = ranks_from_ranking(torch.from_numpy(b.ranking).to(device))  # [B, K]
-        scores = torch.from_numpy(b.scores).to(device) if b.scores.shape[1] else None
-        if self.position_mean is not None:
-            scores = scores - torch.from_numpy(self.position_mean).to(device)
-            ranks = ranks_from_ranking(scores.argsort(dim=1, descending=True))
+        ranks, q, conf = self.targets(b, device)
         h = torch.from_numpy(b.h_dec.astype(np.float32, copy=False)).to(device)  # [B, H]
 
         u = model.user_embedding(seqs)  # [B, D]
@@ -137,9 +157,8 @@ class DistillObjective:
         logs: dict[str, float] = {}
         if cfg.w_rank > 0:
             s = model.score_items(u, cands)  # [B, K]
-            q = teacher_distribution(ranks, scores, cfg.target, cfg.temperature)
             w = importance_weights(
-                ranks, q, s.detach(),
+                ranks, conf if conf is not None else q, s.detach(),
                 gamma_position=cfg.gamma_position, gamma_confidence=cfg.gamma_confidence,
                 gamma_agreement=cfg.gamma_agreement, position_beta=cfg.position_beta, agreement_k=cfg.agreement_k,
             )
@@ -170,6 +189,36 @@ class DistillObjective:
         self._sums.clear()
         self._steps = 0
         return out
+
+
+def check_rows_against_training(shards: list[Path], prepared: Prepared) -> None:
+    """Refuse a store with a row whose sample is not a training prefix, before training starts.
+
+    Each row must be (user u, position p, target train[u][p]) with p < len(train[u]). A row at
+    p >= len(train[u]) would train on the validation item (its target at p == len, its history
+    beyond): leakage. Reads four small columns only; names the shard and the first bad row.
+    """
+    train = prepared.train
+    lengths = np.array([len(t) for t in train], dtype=np.int64)
+    for path in shards:
+        for rb in pq.ParquetFile(path).iter_batches(batch_size=65536, columns=["sample_id", "user_idx", "position", "target"]):
+            sid, u, p, t = (rb.column(c).to_numpy(zero_copy_only=False).astype(np.int64)
+                            for c in ("sample_id", "user_idx", "position", "target"))
+            bad_user = (u < 0) | (u >= len(train))
+            n = np.where(bad_user, 0, lengths[np.where(bad_user, 0, u)])
+            leak = ~bad_user & (p >= n)
+            ok = ~bad_user & ~leak & (p >= 0)
+            mismatch = ok.copy()
+            for i in np.flatnonzero(ok):
+                mismatch[i] = train[u[i]][p[i]] != t[i]
+            for i in np.flatnonzero(bad_user | leak | (p < 0) | mismatch)[:1]:
+                if leak[i]:
+                    why = (f"position {p[i]} is not before the end of user {u[i]}'s training sequence (length {n[i]}): "
+                           "its target or history would include the validation item (leakage)")
+                else:
+                    why = f"(user_idx {u[i]}, position {p[i]}, target {t[i]}) is not an item of the training sequences"
+                raise UsageError(f"{path}: teacher sample {sid[i]} {why}. The store was made from other prepared data "
+                                 "or by a broken sampler; rerun `gedistill retrieve` and `gedistill teacher-dump` on this data")
 
 
 def position_mean_scores(shards: list[Path]) -> np.ndarray:

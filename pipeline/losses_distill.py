@@ -60,8 +60,10 @@ def importance_weights(
     w = (1 - sum(gamma)) + gamma_p * w_pos + gamma_c * w_conf + gamma_a * w_agree, where each
     component has mean 1 so that all gammas at 0 give plain (unweighted) ListNet:
     - w_pos:   exp(-rank / beta): the teacher's top items matter more (rank position);
-    - w_conf:  per sample, 1 - entropy(teacher) / log K: a peaked teacher is trusted more
-               (teacher confidence; normalized to mean 1 over the batch);
+    - w_conf:  per sample, 1 - entropy(teacher_probs) / log K: a peaked teacher is trusted more
+               (teacher confidence; normalized to mean 1 over the batch). teacher_probs must carry
+               the teacher's own confidence (softmax of its identifier scores): softmax(-rank / T)
+               has the same entropy in every row, which makes every weight 1;
     - w_agree: 1 where the candidate is in both the teacher's and the student's top-k
                among the candidates (teacher-student agreement; DLLM2Rec's consistency).
     """

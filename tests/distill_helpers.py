@@ -217,3 +217,20 @@ def write_teacher_store(folder: Path, cols: dict[str, list], *, prepared_fingerp
         writer.write_shard(i, table)
     writer.write_manifest()
     return folder
+
+
+def hand_rows(train: list[np.ndarray], rows: list[dict], *, width: int = 4, seed: int = 0) -> dict[str, list]:
+    """Store columns for hand-made rows: each dict gives user_idx, position, candidates, ranking and
+    scores (and optionally h_dec, status); the target is read from `train` so the row is a real prefix."""
+    rng = np.random.default_rng(seed)
+    cols: dict[str, list] = {c: [] for c in
+                             ("sample_id", "user_idx", "position", "target", "candidates", "ranking", "scores", "h_dec", "status")}
+    for sid, r in enumerate(rows):
+        u, p = r["user_idx"], r["position"]
+        t = r.get("target", int(train[u][p]) if p < len(train[u]) else 1)
+        h = np.asarray(r.get("h_dec", rng.normal(size=width)), dtype=np.float32)
+        for c, v in (("sample_id", sid), ("user_idx", u), ("position", p), ("target", t),
+                     ("candidates", list(r["candidates"])), ("ranking", list(r["ranking"])),
+                     ("scores", [float(x) for x in r["scores"]]), ("h_dec", h), ("status", r.get("status", "ok"))):
+            cols[c].append(v)
+    return cols

@@ -36,7 +36,8 @@ def test_rank_target_is_a_decreasing_distribution():
 def test_score_target_is_the_softmax_of_stored_scores():
     scores = torch.tensor([[1.0, 3.0, 2.0]])
     q = teacher_distribution(torch.zeros(1, 3, dtype=torch.long), scores, "scores", temperature=2.0)
-    assert torch.allclose(q, torch.softmax(scores / 2.0, 1))
+    # by hand: exp(0.5), exp(1.5), exp(1.0) over their sum
+    assert torch.allclose(q, torch.tensor([[0.18632372, 0.50648039, 0.30719589]]), atol=1e-6)
     with pytest.raises(ValueError, match="scores"):
         teacher_distribution(torch.zeros(1, 3, dtype=torch.long), None, "scores", 1.0)
 
@@ -88,7 +89,12 @@ def test_agreement_weight_marks_shared_top_items():
 def test_embedding_losses_and_the_collapse_they_allow():
     g = torch.Generator().manual_seed(0)
     p, u = torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g)
-    assert math.isclose(float(embedding_loss(p, u, "mse")), float(((p - u) ** 2).sum(1).mean()), rel_tol=1e-6)
+    # by hand: rows differ by (3, 4) and (1, 0): squared norms 25 and 1, mean 13
+    a, b = torch.tensor([[1.0, 1.0], [2.0, 5.0]]), torch.tensor([[4.0, 5.0], [1.0, 5.0]])
+    assert math.isclose(float(embedding_loss(a, b, "mse")), 13.0, rel_tol=1e-6)
+    # cosine by hand: (1,0) vs (0,2) -> 1 - 0; (1,1) vs (2,2) -> 1 - 1; mean 0.5
+    assert math.isclose(float(embedding_loss(torch.tensor([[1.0, 0.0], [1.0, 1.0]]),
+                                             torch.tensor([[0.0, 2.0], [2.0, 2.0]]), "cosine")), 0.5, rel_tol=1e-6)
     # MSE rewards shrinking both sides: the collapse the norms are logged for
     assert embedding_loss(0.01 * p, 0.01 * u, "mse") < 0.01 * embedding_loss(p, u, "mse")
     # cosine and standardized are scale-free, so shrinking gains nothing
@@ -201,10 +207,10 @@ def test_store_rows_that_disagree_with_the_sequences_are_refused(small, tmp_path
     cols = cluster_teacher_rows(world, k=6, same_cluster=2, last_m=3, width=12)
     cols["target"] = [t % world["n_items"] + 1 for t in cols["target"]]  # every target off by one
     write_teacher_store(tmp_path / "bad", cols, prepared_fingerprint=prepared.fingerprint)
-    obj = DistillObjective(DistillConfig(teacher_batch_size=4, buffer_rows=8), prepared,
-                           list(open_teacher_store(tmp_path / "bad", prepared).shard_paths), 16, 8)
-    with pytest.raises(UsageError, match="does not match the prepared training sequences"):
-        obj.loss(_model(world["n_items"]), 0)
+    # refused before training starts, naming the shard and the row
+    with pytest.raises(UsageError, match=r"part-00000-of-\d+\.parquet: teacher sample 0 .*not an item of the training"):
+        DistillObjective(DistillConfig(teacher_batch_size=4, buffer_rows=8), prepared,
+                         list(open_teacher_store(tmp_path / "bad", prepared).shard_paths), 16, 8)
 
 
 def test_store_from_other_candidates_is_refused(small, tmp_path):
@@ -248,6 +254,7 @@ def _cluster_precision(model, prepared, world, k=20):
     return (world["cluster"][top] == want[:, None]).mean(axis=1)
 
 
+@pytest.mark.slow
 def test_transfer_proof_oracle_teacher_helps_and_shuffled_teacher_does_not(tmp_path):
     """A teacher that knows the hidden item clusters moves that knowledge into the student; noise does not.
 
