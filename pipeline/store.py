@@ -1,16 +1,14 @@
 """The teacher store: Parquet shards + manifest.json, written by stage one and read by stage two.
 
-Layout: `part-00003-of-00016.parquet` (zstd), each a contiguous slice of the sample list, written
-under a temporary name and renamed when complete; `manifest.json` holds the schema version, the
-fingerprinted settings, and per shard its row count and sha256. Each shard carries the same facts
-in its Parquet key-value metadata (key `gedistill`), so a shard is self-describing.
+The format (layout, schema, fingerprint) is in store_format; this module writes a store (resumable,
+crash-safe: temporary file, fsync, rename; locked against a second writer, see store_lock) and opens
+one for reading (verified first, see store_check). Every name of store_format is re-exported here.
 
 This module is imported by stage two: it must never import torch-for-LLMs, transformers or vllm.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,136 +23,60 @@ import pyarrow.parquet as pq
 
 from pipeline import __version__
 from pipeline.errors import UsageError
+from pipeline.store_faults import fault_point
+from pipeline.store_format import (H_DTYPES, MANIFEST, META_KEY, SCHEMA_VERSION, StoreSpec, canonical_json,  # noqa: F401
+                                   decodes, diff_settings, fingerprint_of, read_manifest_file, read_shard_meta,
+                                   sha256_file, shard_name, store_schema)
+from pipeline.store_lock import LOCK_FILE, claim_shards, hold_run, manifest_lock
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
-META_KEY = b"gedistill"
-H_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
-
-
-def shard_name(index: int, n_shards: int) -> str:
-    return f"part-{index:05d}-of-{n_shards:05d}.parquet"
-
-
-def store_schema(hidden_size: int, h_dec_dtype: str = "float16") -> pa.Schema:
-    return pa.schema([
-        ("sample_id", pa.int64()),
-        ("user_idx", pa.int32()),
-        ("position", pa.int32()),
-        ("target", pa.int32()),
-        ("candidates", pa.list_(pa.int32())),  # in the order shown to the teacher
-        ("ranking", pa.list_(pa.int16())),  # permutation of 0..K-1, best first, indices into candidates
-        ("scores", pa.list_(pa.float32())),  # identifier logits at the decision step, candidates order
-        ("h_dec", pa.list_(H_DTYPES[h_dec_dtype], hidden_size)),
-        ("status", pa.string()),  # ok | repaired | failed
-        ("prompt_tokens", pa.int32()),
-        ("truncated", pa.bool_()),
-        ("prompt", pa.string()),
-        ("generated", pa.string()),
-    ])
-
-
-def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def fingerprint_of(settings: dict[str, Any]) -> str:
-    return hashlib.sha256(canonical_json(settings).encode()).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def diff_settings(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Human-readable differences, e.g. `mode: stored 'generate', now 'first-token'`."""
-    a, b = _flatten(stored), _flatten(current)
-    out = []
-    for key in sorted(a.keys() | b.keys()):
-        if a.get(key) != b.get(key):
-            sa, sb = (repr(x)[:60] + ("..." if len(repr(x)) > 60 else "") for x in (a.get(key), b.get(key)))
-            out.append(f"{key}: stored {sa}, now {sb}")
-    return out
-
-
-@dataclass(frozen=True)
-class StoreSpec:
-    """What a store is: the fingerprinted settings plus its layout."""
-
-    settings: dict[str, Any] = field(hash=False)
-    n_samples: int
-    shard_rows: int
-    hidden_size: int
-    h_dec_dtype: str = "float16"
-
-    @property
-    def fingerprint(self) -> str:
-        return fingerprint_of(self.settings)
-
-    @property
-    def n_shards(self) -> int:
-        return max(1, -(-self.n_samples // self.shard_rows))
-
-    def shard_range(self, index: int) -> tuple[int, int]:
-        start = index * self.shard_rows
-        return start, min(start + self.shard_rows, self.n_samples)
-
-    def shard_meta(self, index: int) -> dict[str, Any]:
-        start, stop = self.shard_range(index)
-        return {"schema_version": SCHEMA_VERSION, "fingerprint": self.fingerprint, "settings": self.settings,
-                "shard": index, "n_shards": self.n_shards, "start": start, "stop": stop,
-                "hidden_size": self.hidden_size, "h_dec_dtype": self.h_dec_dtype}
-
-
-def read_shard_meta(path: Path) -> dict[str, Any]:
-    md = pq.read_metadata(path).metadata or {}
-    if META_KEY not in md:
-        raise ValueError(f"{path.name}: no gedistill key-value metadata")
-    return json.loads(md[META_KEY])
+def _fsync(path: Path) -> None:
+    """Data on disk before the rename that publishes it: a power loss then leaves no torn file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
+    _fsync(tmp)
+    fault_point("mid-manifest-write", tmp)
+    fault_point("before-manifest-rename")
     os.replace(tmp, path)
+    _fsync(path.parent)
+    fault_point("torn-manifest", path)
+    fault_point("after-manifest")
 
 
 class StoreWriter:
-    """Writes one store directory; resumable (complete shards are kept) and idempotent."""
+    """Writes one store directory; resumable (complete shards are kept), idempotent, and safe against a
+    second writer (store_lock: a second run on the same shards is refused; workers share a directory)."""
 
     def __init__(self, root: Path, spec: StoreSpec, replace_mismatched: bool = False) -> None:
         """replace_mismatched: a store made with other settings is deleted (with a warning naming the
         differences) instead of refused; for pipelines that keep older outputs elsewhere (DVC's cache)."""
         self.root, self.spec = Path(root), spec
         self.root.mkdir(parents=True, exist_ok=True)
-        self._check_compatible(replace_mismatched)
-        if not (self.root / MANIFEST).exists():
+        self._written: dict[str, tuple[str, int, int]] = {}  # name -> sha256, size, mtime of shards written here
+        hold_run(self.root)
+        with manifest_lock(self.root):  # a worker replacing the store must not race one that just did
+            self._check_compatible(replace_mismatched)
+            self._drop_manifest_temps()
+        if not read_manifest_file(self.root):
             self.write_manifest()
 
     def _check_compatible(self, replace_mismatched: bool = False) -> None:
-        stored: dict[str, Any] | None = None
-        if (self.root / MANIFEST).exists():
-            stored = json.loads((self.root / MANIFEST).read_text())
-        else:
-            shards = sorted(self.root.glob("part-*.parquet"))
-            if shards:
-                stored = read_shard_meta(shards[0])
+        stored: dict[str, Any] | None = read_manifest_file(self.root) or None
+        for shard in [] if stored else sorted(self.root.glob("part-*.parquet")):
+            try:
+                stored = read_shard_meta(shard)
+                break
+            except Exception:  # torn: tells nothing about the settings
+                continue
         if stored is None or stored.get("fingerprint") == self.spec.fingerprint:
             return
         diffs = diff_settings(stored.get("settings", {}), self.spec.settings)
@@ -174,19 +96,34 @@ class StoreWriter:
         owned = [p for p in self.root.iterdir()
                  if p.is_file() and (p.name == MANIFEST or p.name.startswith("part-") and p.suffix == ".parquet"
                                      or p.name.startswith(".") and ".tmp-" in p.name)]
-        foreign = sorted(p.name for p in self.root.iterdir() if p not in owned)
+        foreign = sorted(p.name for p in self.root.iterdir() if p not in owned and p.name != LOCK_FILE)
         if foreign:
             raise UsageError(f"{self.root} holds a teacher store made with other settings and also other files "
                              f"({', '.join(foreign[:5])}); not deleting it. Use another --out directory.")
+        hold_run(self.root, exclusive=True)  # nobody may be writing the old store
         log.warning("%s: replacing a teacher store made with other settings (%s)", self.root, why)
         for p in owned:
-            p.unlink(missing_ok=True)  # another worker on this directory may have removed it already
+            p.unlink(missing_ok=True)
+        hold_run(self.root)
+
+    def _drop_manifest_temps(self) -> None:
+        """Left by a killed writer; called under the manifest lock, so no live writer owns one."""
+        for stale in self.root.glob(f".{MANIFEST}.tmp-*"):
+            stale.unlink(missing_ok=True)
 
     def path(self, index: int) -> Path:
         return self.root / shard_name(index, self.spec.n_shards)
 
+    def claim(self, indices: list[int]) -> None:
+        """Hold these shards against other processes; their temporary files are then stale: delete them."""
+        claim_shards(self.root, indices, {i: self.path(i).name for i in indices})
+        for i in indices:
+            for stale in self.root.glob(f".{self.path(i).name}.tmp-*"):
+                stale.unlink(missing_ok=True)
+
     def shard_ok(self, index: int) -> bool:
-        """A final-named shard with this fingerprint and the expected rows (the sha256 when known)."""
+        """A final-named shard with this fingerprint and the expected rows, whose sha256 is the manifest's
+        or, when the manifest does not know it (a crash before the manifest write), that decodes whole."""
         path = self.path(index)
         if not path.exists():
             return False
@@ -200,16 +137,20 @@ class StoreWriter:
         if meta.get("fingerprint") != self.spec.fingerprint or rows != stop - start:
             log.warning("shard %s does not match this run; it will be recomputed", path.name)
             return False
-        known = {s["name"]: s["sha256"] for s in self.read_manifest().get("shards", [])}
+        known = {s.get("name"): s.get("sha256") for s in self.read_manifest().get("shards", [])}
         if path.name in known and known[path.name] != sha256_file(path):
             log.warning("shard %s fails its checksum; it will be recomputed", path.name)
+            return False
+        if path.name not in known and not decodes(path):
+            log.warning("shard %s is not in the manifest and does not decode; it will be recomputed", path.name)
             return False
         return True
 
     def pending(self, num_workers: int = 1, worker_index: int = 0) -> list[int]:
         if not 0 <= worker_index < num_workers:
             raise UsageError(f"--worker-index must be in 0..{num_workers - 1}, got {worker_index}")
-        mine = range(worker_index, self.spec.n_shards, num_workers)
+        mine = list(range(worker_index, self.spec.n_shards, num_workers))
+        self.claim(mine)
         return [i for i in mine if not self.shard_ok(i)]
 
     def write_shard(self, index: int, table: pa.Table) -> Path:
@@ -220,48 +161,90 @@ class StoreWriter:
         table = table.select(schema.names).cast(schema)
         table = table.replace_schema_metadata({META_KEY: canonical_json(self.spec.shard_meta(index)).encode()})
         final = self.path(index)
-        for stale in self.root.glob(f".{final.name}.tmp-*"):  # left by a killed run; shards have one writer
-            stale.unlink(missing_ok=True)
+        self.claim([index])
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        pq.write_table(table, tmp, compression="zstd", row_group_size=min(1024, max(1, table.num_rows)))
+        fault_point("before-shard-write")
+        pq.write_table(table, tmp, compression="zstd", row_group_size=min(1024, max(1, table.num_rows)),
+                       write_page_checksum=True)
+        _fsync(tmp)
+        fault_point("mid-shard-write", tmp)
+        digest = sha256_file(tmp)
+        fault_point("before-rename")
         os.replace(tmp, final)
+        _fsync(self.root)
+        st = final.stat()
+        self._written[final.name] = (digest, st.st_size, st.st_mtime_ns)
+        fault_point("torn-shard", final)
+        fault_point("after-rename")
         return final
 
     def read_manifest(self) -> dict[str, Any]:
-        p = self.root / MANIFEST
-        return json.loads(p.read_text()) if p.exists() else {}
+        return read_manifest_file(self.root)
+
+    def note_digest(self, name: str, digest: str) -> None:
+        """Record a shard's verified sha256 (cache merge, after checking the copy), so it is not rehashed."""
+        st = (self.root / name).stat()
+        self._written[name] = (digest, st.st_size, st.st_mtime_ns)
+
+    def _entry(self, index: int, old: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The manifest entry of one shard, or None if it is absent, torn, foreign or fails its old sha256."""
+        p = self.path(index)
+        try:
+            st = p.stat()
+            meta, rows = read_shard_meta(p), pq.read_metadata(p).num_rows
+        except Exception as e:  # missing, or a torn footer: recomputed by its worker's next run
+            if p.exists():
+                log.warning("%s is unreadable (%s); left out of the manifest", p.name, e)
+            return None
+        start, stop = self.spec.shard_range(index)
+        if meta.get("fingerprint") != self.spec.fingerprint or rows != stop - start:
+            return None
+        mine = self._written.get(p.name)
+        if mine and mine[1:] == (st.st_size, st.st_mtime_ns):
+            digest = mine[0]
+        elif old and (old.get("size"), old.get("mtime_ns")) == (st.st_size, st.st_mtime_ns):
+            digest = old["sha256"]
+        else:
+            digest = sha256_file(p)
+            if old and old.get("sha256") != digest:  # changed since listed: never launder it into the manifest
+                log.warning("%s differs from its sha256 in the manifest; left out until it is recomputed", p.name)
+                return None
+            if not old and not decodes(p):  # listed by nobody yet (a crash before the manifest write)
+                return None
+        return {"name": p.name, "index": index, "rows": rows, "sha256": digest, "size": st.st_size,
+                "mtime_ns": st.st_mtime_ns}
 
     def write_manifest(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Scan the directory and (re)write the manifest; `complete` once every shard is present."""
-        old = self.read_manifest()
-        # Rehash only shards whose size or mtime changed: the manifest is rewritten after every shard.
-        known = {(s["name"], s.get("size"), s.get("mtime_ns")): s["sha256"] for s in old.get("shards", [])}
-        shards = []
-        for i in range(self.spec.n_shards):
-            p = self.path(i)
-            if p.exists() and read_shard_meta(p).get("fingerprint") == self.spec.fingerprint:
-                st = p.stat()
-                digest = known.get((p.name, st.st_size, st.st_mtime_ns)) or sha256_file(p)
-                shards.append({"name": p.name, "index": i, "rows": pq.read_metadata(p).num_rows, "sha256": digest,
-                               "size": st.st_size, "mtime_ns": st.st_mtime_ns})
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "fingerprint": self.spec.fingerprint,
-            "settings": self.spec.settings,
-            "n_samples": self.spec.n_samples,
-            "shard_rows": self.spec.shard_rows,
-            "n_shards": self.spec.n_shards,
-            "hidden_size": self.spec.hidden_size,
-            "h_dec_dtype": self.spec.h_dec_dtype,
-            "complete": len(shards) == self.spec.n_shards,
-            "shards": shards,
-            "tool_version": __version__,
-            "created": old.get("created", now),
-            "updated": now,
-            "run": {**old.get("run", {}), **(extra or {})},
-        }
-        _atomic_write_text(self.root / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False))
+        """Scan the directory and (re)write the manifest; `complete` once every shard is present.
+
+        Under the manifest lock: workers sharing the directory serialize their scans and writes, so the
+        last write of all lists every shard present, and none is lost to a race."""
+        with manifest_lock(self.root):
+            old = self.read_manifest()
+            if old.get("fingerprint") != self.spec.fingerprint:
+                old = {}
+            self._drop_manifest_temps()
+            listed = {s.get("name"): s for s in old.get("shards", []) if isinstance(s, dict)}
+            shards = [e for i in range(self.spec.n_shards)
+                      if (e := self._entry(i, listed.get(shard_name(i, self.spec.n_shards)))) is not None]
+            now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            manifest = {
+                "schema_version": SCHEMA_VERSION,
+                "fingerprint": self.spec.fingerprint,
+                "settings": self.spec.settings,
+                "n_samples": self.spec.n_samples,
+                "shard_rows": self.spec.shard_rows,
+                "n_shards": self.spec.n_shards,
+                "hidden_size": self.spec.hidden_size,
+                "h_dec_dtype": self.spec.h_dec_dtype,
+                "complete": len(shards) == self.spec.n_shards,
+                "shards": shards,
+                "tool_version": __version__,
+                "created": old.get("created", now),
+                "updated": now,
+                "run": {**old.get("run", {}), **(extra or {})},
+            }
+            _atomic_write_text(self.root / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False))
         return manifest
 
 
@@ -293,24 +276,37 @@ class StoreInfo:
 
 
 def open_store(root: Path, checksums: bool = True) -> StoreInfo:
-    """Load the manifest of a complete store and check it (schema version, shard files, sha256)."""
+    """Load the manifest of a complete store. checksums=True (what training and evaluation use): the whole
+    store is verified first, streaming (store_check.verify_store: manifest, schema, sha256, sample ids,
+    rankings), and any problem refuses it, naming the file."""
     root = Path(root)
     mpath = root / MANIFEST
     if not mpath.exists():
         raise UsageError(f"{root} is not a teacher store (no {MANIFEST}); run `gedistill teacher-dump --out {root}`")
-    manifest = json.loads(mpath.read_text())
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        shards = [s["name"] for s in manifest["shards"]]
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise UsageError(f"{mpath} is unreadable or not a store manifest ({type(e).__name__}: {e}); rerun "
+                         f"`gedistill teacher-dump` with the same options to rebuild it") from None
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise UsageError(f"{root}: store schema version {manifest.get('schema_version')}, this gedistill reads {SCHEMA_VERSION}")
     if not manifest.get("complete"):
-        done = len(manifest.get("shards", []))
-        raise UsageError(f"{root}: incomplete store ({done} of {manifest['n_shards']} shards); rerun teacher-dump to finish it")
+        raise UsageError(f"{root}: incomplete store ({len(shards)} of {manifest.get('n_shards')} shards); rerun teacher-dump to finish it")
+    if checksums:
+        from pipeline.store_check import verify_store  # imports this module
+
+        problems = verify_store(root)
+        if problems:
+            raise UsageError(f"{root} fails verification, refusing to use it ({len(problems)} problem(s)): "
+                             + "; ".join(problems[:8]) + ("; ..." if len(problems) > 8 else "")
+                             + f". See `gedistill cache verify {root}`; rerun teacher-dump with the same options "
+                             "to recompute bad shards.")
     paths = []
-    for s in manifest["shards"]:
-        p = root / s["name"]
+    for name in shards:
+        p = root / name
         if not p.exists():
-            raise UsageError(f"{root}: shard {s['name']} is missing")
-        if checksums and sha256_file(p) != s["sha256"]:
-            raise UsageError(f"{root}: shard {s['name']} fails its sha256 check; the store is corrupted")
+            raise UsageError(f"{root}: shard {name} is missing")
         paths.append(p)
     return StoreInfo(root, manifest, tuple(paths))
 

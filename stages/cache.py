@@ -13,8 +13,10 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.errors import UsageError
+from pipeline.prepared import Prepared, load_prepared
 from pipeline.store import MANIFEST
-from pipeline.store_check import merge_stores, verify_store
+from pipeline.store_check import verify_store
+from pipeline.store_merge import merge_stores
 
 app = typer.Typer(help="Inspect, verify and merge teacher stores.", no_args_is_help=True)
 
@@ -23,7 +25,27 @@ def _manifest(store: Path) -> dict:
     p = store / MANIFEST
     if not p.is_file():
         raise UsageError(f"{store}: no {MANIFEST}; not a teacher store")
-    return json.loads(p.read_text())
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{p} is unreadable ({e}); `gedistill cache verify {store}` lists what is wrong") from None
+
+
+PreparedOpt = Annotated[Path | None, typer.Option(
+    exists=True, file_okay=False, help="Prepared data the store must be made from (checked row by row).")]
+
+
+def _prepared(path: Path | None) -> Prepared | None:
+    return load_prepared(path) if path is not None else None
+
+
+def _fail(store: Path, problems: list[str]) -> None:
+    """Print each problem (each names its file) and exit 2: a bad store is the user's to fix or rebuild."""
+    console = Console()
+    for p in problems:
+        console.print(f"[red]problem:[/red] {p}", soft_wrap=True)
+    typer.echo(f"error: {store}: {len(problems)} problem(s); first: {problems[0]}", err=True)
+    raise typer.Exit(2)
 
 
 @app.command("info")
@@ -64,29 +86,27 @@ def info(store: Annotated[Path, typer.Argument(exists=True, file_okay=False, hel
 
 
 @app.command("verify")
-def verify(store: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Teacher store directory.")]) -> None:
-    """Check schema, row counts, checksums and that every ranking is a permutation; exit 1 on any problem."""
-    problems = verify_store(store)
-    console = Console()
+def verify(store: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Teacher store directory.")],
+           prepared: PreparedOpt = None) -> None:
+    """Check manifest, files, checksums, schema, sample ids and rankings (and rows against --prepared); exit 2 on any problem."""
+    problems = verify_store(store, _prepared(prepared))
     if problems:
-        for p in problems:
-            console.print(f"[red]problem:[/red] {p}")
-        console.print(f"[red]{store}: {len(problems)} problem(s)[/red]")
-        raise typer.Exit(1)
+        _fail(store, problems)
     m = _manifest(store)
-    console.print(f"{store}: OK ({m['n_samples']:,} rows in {m['n_shards']} shard(s), fingerprint {m['fingerprint'][:16]})")
+    Console().print(f"{store}: OK ({m['n_samples']:,} rows in {m['n_shards']} shard(s), fingerprint {m['fingerprint'][:16]})")
 
 
 @app.command("merge")
 def merge(
     out: Annotated[Path, typer.Argument(help="Store directory to assemble (may be one of the sources).")],
     sources: Annotated[list[Path], typer.Argument(exists=True, file_okay=False, help="Worker output directories.")],
+    prepared: PreparedOpt = None,
 ) -> None:
-    """Join the shards of `--num-workers` partial runs; refuses if they disagree or a shard is missing."""
-    m = merge_stores(out, sources)
-    problems = verify_store(out)
+    """Join the shards of `--num-workers` partial runs; each source is verified against its own manifest
+    first. Refuses (exit 2) if a source is bad, they disagree, or a shard is missing."""
+    data = _prepared(prepared)
+    m = merge_stores(out, sources, data)
+    problems = verify_store(out, data)
     if problems:
-        for p in problems:
-            Console().print(f"[red]problem:[/red] {p}")
-        raise typer.Exit(1)
+        _fail(out, problems)
     Console().print(f"{out}: merged {len(sources)} source(s) into {m['n_shards']} shard(s), verified")

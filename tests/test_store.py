@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from pipeline.errors import UsageError
 from pipeline.store import MANIFEST, StoreWriter, iter_batches, open_store
-from pipeline.store_check import merge_stores, verify_store
+from pipeline.store_check import verify_store
+from pipeline.store_merge import merge_stores
 from pipeline.teacher.dump import DumpConfig, load_inputs, run_dump
 from stages.cache import app as cache_app
 from tests.teacher_fixtures import FAKE_TEACHER, FakeBackend, make_inputs
@@ -153,7 +154,7 @@ def test_verify_catches_corruption_and_bad_rankings(inputs, tmp_path):
     data[len(data) // 2: len(data) // 2 + 8] = bytes(b ^ 0xFF for b in data[len(data) // 2: len(data) // 2 + 8])
     shard.write_bytes(bytes(data))
     bad = runner.invoke(cache_app, ["verify", str(out)])
-    assert bad.exit_code == 1 and "part-00002-of-00004.parquet: sha256 differs" in flat(bad.output)
+    assert bad.exit_code == 2 and "part-00002-of-00004.parquet: sha256 differs" in flat(bad.output)
     # a rerun recomputes the corrupted shard and nothing else
     report = dump(inputs, out)
     assert report.shards_written == 1 and verify_store(out) == []
@@ -174,7 +175,7 @@ def test_verify_catches_non_permutation(inputs, tmp_path):
     (out / MANIFEST).write_text(json.dumps(m))
     problems = verify_store(out)
     assert problems == ["part-00000-of-00004.parquet: 1 ranking(s) are not permutations of 0..7"]
-    assert CliRunner().invoke(cache_app, ["verify", str(out)]).exit_code == 1
+    assert CliRunner().invoke(cache_app, ["verify", str(out)]).exit_code == 2
 
 
 def test_workers_partition_and_merge_equal_one_run(inputs, tmp_path):
@@ -208,7 +209,8 @@ def test_generate_mode_parses_and_counts(inputs, tmp_path):
 
 
 def test_store_reader_imports_no_llm_stack(tmp_path):
-    code = ("import sys, pipeline.store, pipeline.store_check, stages.cache, stages.cli;"
+    code = ("import sys, pipeline.store, pipeline.store_check, pipeline.store_merge, pipeline.store_lock, pipeline.store_format,"
+            " pipeline.store_faults, stages.cache, stages.cli;"
             "bad=[m for m in ('transformers','vllm') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
