@@ -99,3 +99,104 @@ def test_evaluate_refuses_a_student_from_other_data(trained, tmp_path):
     with pytest.raises(UsageError, match="trained on other prepared data"):
         evaluate(prepared=tmp_path / "other", baseline=trained / "baseline", distilled=trained / "distilled",
                  metrics=tmp_path / "m.json", plots=tmp_path / "plots")
+
+
+@pytest.fixture(scope="module")
+def good_and_bad(trained):
+    """Two checkpoints of known, different quality: trained 15 epochs at lr 0.01 (test NDCG@10 about
+    0.33 on this world), and the same architecture never trained (about 0.05)."""
+    prepared = load_prepared(trained / "prepared")
+    cfg = SasrecConfig(n_items=80, hidden=16, n_blocks=1, n_heads=1, inner=32, max_len=10)
+    torch.manual_seed(1)
+    save_student(trained / "untrained", SASRec(cfg), {"prepared_fingerprint": prepared.fingerprint})
+    torch.manual_seed(0)
+    model = SASRec(cfg)
+    fit(model, prepared, TrainConfig(epochs=15, batch_size=16, lr=0.01, patience=15, seed=0), show_progress=False)
+    save_student(trained / "good", model, {"prepared_fingerprint": prepared.fingerprint})
+    return trained / "good", trained / "untrained"
+
+
+def _evaluate_json(root, baseline, distilled, out, *extra) -> dict:
+    result = CliRunner().invoke(app, [
+        "evaluate", "--prepared", str(root / "prepared"), "--baseline", str(baseline), "--distilled", str(distilled),
+        "--metrics", str(out), "--plots", str(out.parent / "plots"), "--n-boot", "500", "--threads", "1", *extra])
+    assert result.exit_code == 0, result.output
+    return json.loads(out.read_text())
+
+
+def test_evaluate_tells_the_better_model_apart_on_the_test_split(trained, good_and_bad):
+    """Fails if evaluate swaps the checkpoints (numbers under the wrong name, or a verdict naming the
+    worse model), or compares on the validation split instead of test: each reported number must
+    equal pipeline.train.evaluate(model, data, "test") of the checkpoint given under that name."""
+    from pipeline.checkpoint import load_student
+    from pipeline.train import evaluate as split_metrics
+
+    prepared = load_prepared(trained / "prepared")
+    good, bad = good_and_bad
+    expect = {name: split_metrics(load_student(path)[0], prepared, "test") for name, path in (("good", good), ("bad", bad))}
+    valid = split_metrics(load_student(good)[0], prepared, "valid")
+    # the data must make the break visible: valid and test numbers of the same model differ
+    assert valid["ndcg@10"] != pytest.approx(expect["good"]["ndcg@10"])
+    assert expect["good"]["ndcg@10"] > expect["bad"]["ndcg@10"] + 0.05
+
+    for base, dist, better in ((bad, good, "distilled"), (good, bad, "baseline")):
+        m = _evaluate_json(trained, base, dist, trained / f"cmp-{better}" / "evaluate.json")
+        got_b, got_d = m["test"]["baseline"], m["test"]["distilled"]
+        want_b, want_d = (expect["bad"], expect["good"]) if better == "distilled" else (expect["good"], expect["bad"])
+        for name in ("hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr@10"):
+            assert got_b[name] == pytest.approx(want_b[name]) and got_d[name] == pytest.approx(want_d[name]), name
+        worse = "baseline" if better == "distilled" else "distilled"
+        assert m["verdict"]["ndcg@10"] == f"{better} is significantly better than {worse}"
+        assert m["difference"]["ndcg@10"]["diff"] == pytest.approx(want_d["ndcg@10"] - want_b["ndcg@10"])
+
+
+def test_evaluate_masked_writes_test_masked_with_masked_numbers(trained, good_and_bad):
+    """Fails if `evaluate --masked` files its numbers under the key `test` (they would pass for the
+    unmasked ones), or if they are not the masked test metrics of each checkpoint."""
+    from pipeline.checkpoint import load_student
+    from pipeline.metrics import summarize
+    from pipeline.train import rank_targets, split_inputs
+
+    prepared = load_prepared(trained / "prepared")
+    good, bad = good_and_bad
+    m = _evaluate_json(trained, bad, good, trained / "masked" / "evaluate.json", "--masked")
+    assert "test" not in m and set(m["test_masked"]) == {"baseline", "distilled"} and m["settings"]["masked"]
+    h, t = split_inputs(prepared, "test")
+    for name, path in (("baseline", bad), ("distilled", good)):
+        model = load_student(path)[0]
+        masked = summarize(rank_targets(model, h, t, masked=True))
+        assert m["test_masked"][name]["ndcg@10"] == pytest.approx(masked["ndcg@10"])
+        assert masked != summarize(rank_targets(model, h, t, masked=False))  # masking changed something
+
+
+class _FixedScores(torch.nn.Module):
+    """A 'model' with fixed item scores, to check masking by hand: item i scores 10 - i."""
+
+    def __init__(self, max_len: int, n_items: int):
+        super().__init__()
+        self.config = SasrecConfig(n_items=n_items, hidden=8, n_blocks=1, n_heads=1, max_len=max_len)
+        self.n_items = n_items
+
+    def user_embedding(self, seqs):
+        return torch.zeros(len(seqs), 1)
+
+    def score_all(self, u):
+        s = (10.0 - torch.arange(self.n_items + 1, dtype=torch.float32)).repeat(len(u), 1)
+        s[:, 0] = float("-inf")  # padding, as SASRec.score_all
+        return s
+
+
+def test_masked_ranks_mask_the_whole_history_by_hand():
+    """Fails if masking covers only the last max_len items the model sees, not the whole history.
+
+    Scores: item 1 > 2 > 3 > 4 > 5. History [1, 2, 3], max_len 2 (the model sees [2, 3]), target 4.
+    Unmasked: items 1, 2, 3 outrank 4 -> rank 3. Whole history masked -> rank 0. Masking only the
+    last max_len items would leave item 1 -> rank 1. Second user: history [5], target 1 -> rank 0 both.
+    """
+    from pipeline.train import rank_targets
+
+    model = _FixedScores(max_len=2, n_items=5)
+    hist = [np.array([1, 2, 3]), np.array([5])]
+    targets = np.array([4, 1])
+    assert rank_targets(model, hist, targets, masked=False).tolist() == [3, 0]
+    assert rank_targets(model, hist, targets, masked=True).tolist() == [0, 0]
