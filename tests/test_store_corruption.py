@@ -225,3 +225,17 @@ def test_every_kind_is_caught_by_verify_and_refused_by_stage_two(world, tmp_path
     with pytest.raises(UsageError) as refused:
         open_teacher_store(store, prepared)
     assert (named or str(store)) in str(refused.value)
+
+
+def test_installed_cache_verify_and_merge_exit_2_naming_the_file(world, tmp_path):
+    """Fails if `cache verify` exits 1 (it did: a bad store is the user's to fix, exit 2 like every usage
+    error) or if `cache merge` accepts a source whose shard no longer matches its own manifest."""
+    from tests.test_entrypoint import run_gedistill
+
+    store = damaged_copy(world, "flipped byte in h_dec", tmp_path / "store")
+    for args in (["cache", "verify", str(store)], ["cache", "merge", str(tmp_path / "merged"), str(store)]):
+        r = run_gedistill(*args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert f"{SHARDS[1]}: sha256 differs" in " ".join((r.stdout + r.stderr).split())
+        assert "Traceback" not in r.stderr
+    assert not (tmp_path / "merged" / SHARDS[1]).exists()
