@@ -5,7 +5,11 @@ Pure numpy: feed batches (candidates, ranking, target, status, optional student 
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
+
+from pipeline.teacher.parse import DECISION_STATUSES
 
 
 def ranks_of_target(candidates: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -37,19 +41,23 @@ class TeacherQuality:
     def __init__(self, k: int, students: tuple[str, ...] = ()):
         self.k, self.students = k, students
         self.n = self.n_present = self.n_failed = self.n_repaired = 0
+        self.status_counts: Counter[str] = Counter()
         self.top1 = np.zeros(k, dtype=np.int64)  # teacher's first choice, by position shown
         self.rank_counts = {name: np.zeros(k, dtype=np.int64) for name in ("teacher", *students)}
 
     def update(self, candidates: np.ndarray, ranking: np.ndarray, target: np.ndarray, status: np.ndarray,
                student_scores: dict[str, np.ndarray] | None = None) -> None:
-        ok = status != "failed"
+        # The teacher's ranking counts where it is its decision: not a failed parse (shown order), not a
+        # generation whose first token was no identifier (generate mode's no_decision).
+        ok = np.isin(status, DECISION_STATUSES)
         self.n += len(target)
-        self.n_failed += int((~ok).sum())
+        self.status_counts.update(str(s) for s in status)
+        self.n_failed += int((status == "failed").sum())
         self.n_repaired += int((status == "repaired").sum())
         self.top1 += np.bincount(ranking[ok, 0], minlength=self.k)[: self.k]
         present, index = ranks_of_target(candidates, target)
         self.n_present += int(present.sum())
-        sel = present & ok  # the teacher's ranking of a failed parse means nothing
+        sel = present & ok
         self.rank_counts["teacher"] += np.bincount(rank_from_ranking(ranking[sel], index[sel]), minlength=self.k)
         for name, scores in (student_scores or {}).items():
             r = rank_from_scores(scores[sel], index[sel])
@@ -64,6 +72,11 @@ class TeacherQuality:
             "target_in_candidates": self.n_present / max(1, self.n),
             "parse_failure_rate": self.n_failed / max(1, self.n),
             "repaired_rate": self.n_repaired / max(1, self.n),
+            # generate mode: first generated token not an identifier (h_dec is no decision state) ...
+            "no_decision_rate": self.status_counts["no_decision"] / max(1, self.n),
+            # ... and answers stopped by the decode budget (the truncation rate)
+            "cut_rate": self.status_counts["cut"] / max(1, self.n),
+            "status_counts": dict(self.status_counts),
             "random_ndcg@k": float(weights.mean()),  # what a random order scores where the target is present
             "top1_position_share": (self.top1 / max(1, self.top1.sum())).round(4).tolist(),
             "top1_position_counts": self.top1.tolist(),

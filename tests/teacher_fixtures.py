@@ -67,25 +67,39 @@ class CharTokenizer:
 
 
 class FakeBackend:
-    """Deterministic stand-in: h_dec hashed from the prompt, scores = h_dec @ a fixed head."""
+    """Deterministic stand-in: h_dec hashed from the prompt, scores = h_dec @ a fixed head.
+
+    Generate mode returns `generations` (cycled over the prompts), each row's first token as the
+    tokenizer encodes it (EOS for an empty answer) and `hit_budget` (all False unless given).
+    """
 
     hidden_size = 16
     context_length = 4096
     dtype_name = "float32"
 
-    def __init__(self) -> None:
+    def __init__(self, generations: list[str] | None = None, hit_budget: list[bool] | None = None) -> None:
         self.tokenizer = CharTokenizer()
         self.calls = 0
+        self.generations = generations or ["B] > [A] Toy Story > [B] > [Z]"]
+        self.hit_budget = hit_budget
+        self.max_new_tokens: list[int | None] = []
 
-    def run(self, prompts, ident_ids, mode, progress=None):
+    def run(self, prompts, ident_ids, mode, progress=None, max_new_tokens=None):
         self.calls += 1
+        self.max_new_tokens.append(max_new_tokens)
         h = np.stack([np.random.default_rng(int(hashlib.sha256(bytes(str(p), "utf8")).hexdigest()[:8], 16))
                       .standard_normal(self.hidden_size) for p in prompts]).astype(np.float32)
         head = np.random.default_rng(1).standard_normal((self.hidden_size, len(ident_ids))).astype(np.float32)
-        gen = ["B] > [A] Toy Story > [B] > [Z]" for _ in prompts] if mode == "generate" else None
+        out = SimpleNamespace(h_dec=h, scores=h @ head, generated=None)
+        if mode == "generate":
+            gen = [self.generations[i % len(self.generations)] for i in range(len(prompts))]
+            out.generated = gen
+            out.first_ids = np.array([self.tokenizer.encode(g)[0] if g else self.tokenizer.eos_token_id for g in gen])
+            cut = self.hit_budget or [False]
+            out.hit_budget = np.array([cut[i % len(cut)] for i in range(len(prompts))])
         if progress:
             progress(len(prompts))
-        return SimpleNamespace(h_dec=h, scores=h @ head, generated=gen)
+        return out
 
 
 FAKE_TEACHER = {"name": "fake", "revision": "test", "hidden_size": 16, "dtype": "float32"}

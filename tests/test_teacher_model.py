@@ -6,6 +6,7 @@ h_dec in float16, whose rounding (about 5e-4 relative) sets the tolerances below
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from pipeline.errors import UsageError
 from pipeline.store_check import verify_store
 from pipeline.teacher.dump import DumpConfig, load_inputs, run_dump
 from pipeline.teacher.identifiers import identifier_token_ids, make_scheme
+from pipeline.teacher.parse import DECISION_STATUSES
 from tests.teacher_fixtures import make_inputs
 
 pytestmark = pytest.mark.teacher
@@ -100,11 +102,55 @@ def test_generate_mode_keeps_the_same_decision_state(teacher, dumped):
     run_dump(DumpConfig(shard_rows=5, mode="generate", max_new_tokens=24), few, teacher, facts, root / "gen")
     gen = pl.read_parquet(root / "gen" / "*.parquet").sort("sample_id")
     df = df.head(4)
-    assert set(gen["status"]) <= {"ok", "repaired", "failed"}
-    assert all(g.startswith("[") for g in gen["generated"])
+    # every row is a decision state (the model's first token was an identifier); 24 tokens cannot hold
+    # 8 identifiers with titles, so rows the budget stopped say so
+    assert set(gen["status"]) <= set(DECISION_STATUSES), gen["status"].to_list()
+    assert "cut" in set(gen["status"])
+    assert all(g[1] in "ABCDEFGH" for g in gen["generated"])  # the model's own letter after the stored '['
     assert np.allclose(np.stack(gen["h_dec"].to_numpy()), np.stack(df["h_dec"].to_numpy()), atol=0.05)
     assert np.allclose(np.stack(gen["scores"].to_numpy()), np.stack(df["scores"].to_numpy()), atol=1e-2)
     assert verify_store(root / "gen") == []
+
+
+def test_generate_first_token_is_the_models_own_identifier(teacher, dumped):
+    """Fails if generate mode's first token is not the model's own choice at the decision step: the
+    backend must report the token it decoded (not a '[' that teacher-dump adds to the text), and for
+    prompts that end with '[' (DESIGN.md point 1) that token is an identifier."""
+    _, _, _, df = dumped
+    ident = identifier_token_ids(make_scheme("letters", 8), teacher.tokenizer)
+    prompts = [teacher.tokenizer.encode(t, add_special_tokens=False) for t in df["prompt"].head(4)]
+    out = teacher.run(prompts, ident, "generate", max_new_tokens=2)
+    assert np.isin(out.first_ids, ident).all(), teacher.tokenizer.convert_ids_to_tokens(out.first_ids.tolist())
+    for text, tok in zip(out.generated, out.first_ids.tolist()):
+        assert text.startswith(teacher.tokenizer.decode([tok])) and text[0] in "ABCDEFGH"
+    assert out.hit_budget.all()  # two tokens: no answer ends there
+    # the same prompts cut before their final '[': the model's own first token is '[', not a decision
+    out = teacher.run([p[:-1] for p in prompts], ident, "generate", max_new_tokens=1)
+    open_id = teacher.tokenizer.encode("[", add_special_tokens=False)[0]
+    assert (out.first_ids == open_id).all() and not np.isin(out.first_ids, ident).any()
+
+
+def test_cli_store_records_the_dtype_actually_used(tmp_path: Path, monkeypatch):
+    """Fails if the store records the requested `auto` (or anything but the loaded weights' dtype)."""
+    from pipeline.teacher import hf_backend
+    from stages.cli import app
+
+    loaded = []
+    init = hf_backend.HFTeacher.__init__
+
+    def spy(self, cfg):
+        init(self, cfg)
+        loaded.append(self)
+
+    monkeypatch.setattr(hf_backend.HFTeacher, "__init__", spy)
+    prepared, candidates = make_inputs(tmp_path / "in", n_users=1, per_user=1)
+    result = CliRunner().invoke(app, ["teacher-dump", "--prepared", str(prepared), "--candidates", str(candidates),
+                                      "--out", str(tmp_path / "s"), "--dtype", "auto", "--history-len", "2"])
+    assert result.exit_code == 0, result.output
+    used = str(next(loaded[0].model.parameters()).dtype).removeprefix("torch.")
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert used in ("bfloat16", "float32") and manifest["settings"]["teacher"]["dtype"] == used
+    assert manifest.get("run", {}).get("backend_dtype", used) == used
 
 
 def test_cli_teacher_dump_and_cache(tmp_path: Path):

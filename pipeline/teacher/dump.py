@@ -23,7 +23,7 @@ from pipeline.errors import UsageError
 from pipeline.prepared import load_prepared
 from pipeline.store import StoreSpec, StoreWriter
 from pipeline.teacher.identifiers import IdentifierScheme, identifier_token_ids, make_scheme
-from pipeline.teacher.parse import parse_ranking
+from pipeline.teacher.parse import generation_status, parse_ranking
 from pipeline.teacher.prompt import DECISION_SUFFIX, PromptTemplate, load_template, render_prompt
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,9 @@ class Backend(Protocol):
     @property
     def dtype_name(self) -> str: ...
     def run(self, prompts: list[list[int]], ident_ids: list[int], mode: str,
-            progress: Callable[[int], None] | None = None) -> Any: ...
+            progress: Callable[[int], None] | None = None, max_new_tokens: int | None = None) -> Any: ...
+    # generate mode's result also carries `first_ids` ([B], the model's own first generated token)
+    # and `hit_budget` ([B] bool); first-token mode's only h_dec and scores.
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ class DumpConfig:
     seed: int = 0
     h_dec_dtype: Literal["float16", "float32"] = "float16"
     store_prompt: bool = True
-    max_new_tokens: int | None = None  # generate mode; None: 4 tokens per candidate
+    max_new_tokens: int | None = None  # generate mode; None: room for the whole ranking with titles
     shard_rows: int = 256
     num_workers: int = 1
     worker_index: int = 0
@@ -107,6 +109,20 @@ def shown_order(sample_id: int, k: int, seed: int, order: CandidateOrder) -> np.
     return np.random.default_rng([seed, sample_id]).permutation(k)
 
 
+def ranking_budget(inputs: DumpInputs, tokenizer: Any, scheme: IdentifierScheme, slack: float = 1.25) -> int:
+    """Decode budget with room for the longest ranking written with titles (`[A] Title` per candidate).
+
+    The default teacher copies the candidate list with its titles; a budget of a few tokens per
+    candidate cut those answers off after 6-8 of 20 identifiers. Tokens are counted per title (a
+    concatenation tokenizes to about the sum of its lines) and `slack` covers separators and drift.
+    """
+    n_ident = len(tokenizer.encode(f"{scheme.bracketed(0)} \n", add_special_tokens=False))
+    title_tokens = np.array([len(tokenizer.encode(t, add_special_tokens=False)) if t else 0 for t in inputs.titles])
+    cands = np.asarray(inputs.samples["candidates"].to_list(), dtype=np.int64).reshape(inputs.samples.height, -1)
+    longest = int((title_tokens[cands] + n_ident).sum(axis=1).max())
+    return int(np.ceil(slack * longest)) + 1  # + 1: the EOS token
+
+
 def store_settings(cfg: DumpConfig, inputs: DumpInputs, teacher: dict[str, Any], template: PromptTemplate,
                    scheme: IdentifierScheme, max_prompt_tokens: int, max_new_tokens: int | None) -> dict[str, Any]:
     """Everything that changes the stored rows; its hash is the store's fingerprint."""
@@ -129,7 +145,7 @@ def run_dump(cfg: DumpConfig, inputs: DumpInputs, backend: Backend, teacher: dic
     ident_ids = identifier_token_ids(scheme, backend.tokenizer)
     open_id = backend.tokenizer.encode(DECISION_SUFFIX, add_special_tokens=False)[0]
     template = load_template(cfg.template)
-    max_new = (cfg.max_new_tokens or 4 * inputs.k) if cfg.mode == "generate" else None
+    max_new = (cfg.max_new_tokens or ranking_budget(inputs, backend.tokenizer, scheme)) if cfg.mode == "generate" else None
     max_prompt = cfg.max_prompt_tokens or backend.context_length - (max_new or 0)
     settings = store_settings(cfg, inputs, teacher, template, scheme, max_prompt, max_new)
     spec = StoreSpec(settings, inputs.samples.height, cfg.shard_rows, backend.hidden_size, cfg.h_dec_dtype)
@@ -151,8 +167,9 @@ def run_dump(cfg: DumpConfig, inputs: DumpInputs, backend: Backend, teacher: dic
             if progress:
                 progress(done, total)
 
-        result = backend.run([p.input_ids for p in prompts], ident_ids, cfg.mode, progress=tick)
-        table, st = _table(rows, prompts, shown, result, scheme, cfg)
+        budget = {"max_new_tokens": max_new} if cfg.mode == "generate" else {}
+        result = backend.run([p.input_ids for p in prompts], ident_ids, cfg.mode, progress=tick, **budget)
+        table, st = _table(rows, prompts, shown, result, scheme, cfg, ident_ids)
         writer.write_shard(index, table)
         writer.write_manifest()  # progress is visible to `cache info` while the run goes on
         rate = done / (time.perf_counter() - t0)
@@ -183,7 +200,7 @@ def _render(rows: pl.DataFrame, inputs: DumpInputs, cfg: DumpConfig, tokenizer: 
 
 
 def _table(rows: pl.DataFrame, prompts: list[Any], shown: list[np.ndarray], result: Any, scheme: IdentifierScheme,
-           cfg: DumpConfig) -> tuple[pa.Table, Counter[str]]:
+           cfg: DumpConfig, ident_ids: list[int]) -> tuple[pa.Table, Counter[str]]:
     n = rows.height
     h = np.asarray(result.h_dec, dtype=np.float32)
     if not np.isfinite(h).all():
@@ -194,12 +211,18 @@ def _table(rows: pl.DataFrame, prompts: list[Any], shown: list[np.ndarray], resu
     scores = np.asarray(result.scores, dtype=np.float32)
     status: Counter[str] = Counter()
     rankings, generated, statuses = [], [], []
+    if cfg.mode == "generate":
+        first, cut = getattr(result, "first_ids", None), getattr(result, "hit_budget", None)
+        if first is None or cut is None:
+            raise RuntimeError("the backend's generate mode must report each row's first generated token and "
+                               "whether the budget stopped it (first_ids, hit_budget)")
+        is_ident = np.isin(np.asarray(first), ident_ids)
     for j in range(n):
         if cfg.mode == "generate":
             text = DECISION_SUFFIX + result.generated[j]  # the answer as the model wrote it, from its '['
             parsed = parse_ranking(text, scheme.labels)
             rankings.append(list(parsed.ranking))
-            statuses.append(parsed.status)
+            statuses.append(generation_status(parsed, bool(is_ident[j]), bool(cut[j])))
             generated.append(text)
         else:
             rankings.append(np.argsort(-scores[j], kind="stable").tolist())
@@ -209,6 +232,12 @@ def _table(rows: pl.DataFrame, prompts: list[Any], shown: list[np.ndarray], resu
     if status["failed"]:
         log.warning("%d of %d answers could not be parsed (ranking kept in shown order, status 'failed')",
                     status["failed"], n)
+    if status["no_decision"]:
+        log.warning("%d of %d answers did not start with an identifier: their h_dec is not a decision state "
+                    "(status 'no_decision')", status["no_decision"], n)
+    if status["cut"]:
+        log.warning("%d of %d answers hit the %s-token decode budget (status 'cut'); raise --max-new-tokens",
+                    status["cut"], n, cfg.max_new_tokens or "default")
     table = pa.table({
         "sample_id": rows["sample_id"].to_arrow().cast(pa.int64()),
         "user_idx": rows["user_idx"].to_arrow().cast(pa.int32()),

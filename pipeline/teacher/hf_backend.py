@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.errors import UsageError
+from pipeline.teacher.dtype_choice import choose_dtype
 
 log = logging.getLogger(__name__)
 
@@ -42,35 +42,16 @@ class TeacherOutput:
     h_dec: np.ndarray  # [B, H] float32, final-layer post-norm state at the decision step
     scores: np.ndarray  # [B, K] float32, identifier logits at the decision step
     generated: list[str] | None  # generate mode: the continuation after the prompt's '['
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        # bf16 pays off on CPUs with native bf16 dot products (AVX512-BF16 / AMX), else fp32.
-        cap = torch.backends.cpu.get_cpu_capability()
-        return torch.bfloat16 if cap in ("AVX512", "AVX512_BF16", "AMX") and _cpu_has_bf16() else torch.float32
-    try:
-        return {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[name]
-    except KeyError:
-        raise UsageError(f"unknown dtype {name!r}; choose auto, bfloat16, float32 or float16") from None
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
-        return False
+    first_ids: np.ndarray | None = None  # generate mode, [B] int64: the model's own first generated token
+    hit_budget: np.ndarray | None = None  # generate mode, [B] bool: stopped by max_new_tokens, not by EOS
 
 
 class HFTeacher:
     def __init__(self, cfg: HFConfig) -> None:
         self.cfg = cfg
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.dtype_choice = choose_dtype(cfg.dtype, self.device)  # logs the choice and its reason
+        self.dtype = self.dtype_choice.dtype
         log.info("loading teacher %s in %s on %s", cfg.location, self.dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.location, trust_remote_code=cfg.trust_remote_code)
         self.model = AutoModelForCausalLM.from_pretrained(
@@ -114,39 +95,53 @@ class HFTeacher:
 
     @torch.inference_mode()
     def run(self, prompts: list[list[int]], ident_ids: list[int], mode: Mode = "first-token",
-            progress: Callable[[int], None] | None = None) -> TeacherOutput:
-        """All prompts, in length-sorted batches; results come back in input order."""
+            progress: Callable[[int], None] | None = None, max_new_tokens: int | None = None) -> TeacherOutput:
+        """All prompts, in length-sorted batches; results come back in input order.
+
+        `max_new_tokens` (generate mode) overrides the config's budget: teacher-dump decides it, and
+        records it in the store's settings."""
+        budget = max_new_tokens or self.cfg.max_new_tokens
         order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
         h_out = np.zeros((len(prompts), self.hidden_size), dtype=np.float32)
         s_out = np.zeros((len(prompts), len(ident_ids)), dtype=np.float32)
         texts: list[str] = [""] * len(prompts)
+        first = np.full(len(prompts), -1, dtype=np.int64)
+        cut = np.zeros(len(prompts), dtype=bool)
         for start in range(0, len(order), self.cfg.batch_size):
             idx = order[start:start + self.cfg.batch_size]
-            h, s, gen = self._batch([prompts[i] for i in idx], ident_ids, mode)
+            h, s, gen = self._batch([prompts[i] for i in idx], ident_ids, mode, budget)
             h_out[idx], s_out[idx] = h, s
-            for j, i in enumerate(idx):
-                texts[i] = gen[j] if gen else ""
+            if gen:
+                for j, i in enumerate(idx):
+                    texts[i], first[i], cut[i] = gen[0][j], gen[1][j], gen[2][j]
             if progress:
                 progress(len(idx))
-        return TeacherOutput(h_out, s_out, texts if mode == "generate" else None)
+        if mode != "generate":
+            return TeacherOutput(h_out, s_out, None)
+        return TeacherOutput(h_out, s_out, texts, first, cut)
 
-    def _batch(self, prompts: list[list[int]], ident_ids: list[int], mode: Mode) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    def _batch(self, prompts: list[list[int]], ident_ids: list[int], mode: Mode, budget: int
+               ) -> tuple[np.ndarray, np.ndarray, tuple[list[str], list[int], list[bool]] | None]:
         ids, mask, pos = self._pad(prompts)
         out = self.base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=mode == "generate")
         h = out.last_hidden_state[:, -1, :]  # [B, H]: post-norm state at the prompt's final '['
         scores = self._ident_scores(h, ident_ids)
-        gen = self._greedy(h, mask, pos, out.past_key_values) if mode == "generate" else None
+        gen = self._greedy(h, mask, pos, out.past_key_values, budget) if mode == "generate" else None
         return h.float().cpu().numpy(), scores.cpu().numpy(), gen
 
-    def _greedy(self, h: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, past) -> list[str]:
-        """Greedy decoding from the decision step; stops at EOS or max_new_tokens."""
+    def _greedy(self, h: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, past, budget: int
+                ) -> tuple[list[str], list[int], list[bool]]:
+        """Greedy decoding from the decision step; stops at EOS or `budget` tokens.
+
+        Returns the texts, each row's first generated token (the model's own choice at the decision
+        step, read before anything is decoded or re-tokenized) and whether the budget stopped it."""
         b = h.shape[0]
         tokens: list[torch.Tensor] = []
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         eos = torch.tensor(sorted(self.eos_ids), device=self.device)
         logits = self.head(h)  # [B, V]
         next_pos = pos[:, -1:] + 1
-        for _ in range(self.cfg.max_new_tokens):
+        for _ in range(budget):
             nxt = logits.argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
             tokens.append(nxt)
@@ -163,4 +158,5 @@ class HFTeacher:
         for row in seqs:
             cut = next((j for j, t in enumerate(row) if t in self.eos_ids), len(row))
             texts.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True))
-        return texts
+        first = [row[0] if row else -1 for row in seqs]
+        return texts, first, (~done).cpu().tolist()

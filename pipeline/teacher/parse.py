@@ -3,6 +3,14 @@
 Identifiers are read in order; anything else between them (titles, words) is tolerated. Duplicates
 and unknown identifiers are dropped, and the candidates never mentioned are appended in their
 original (shown) order. The status says whether the model's own answer was a full permutation.
+
+A generated row's status also says whether its `h_dec` is a decision state and whether the decode
+budget stopped the answer (`generation_status`), most severe first:
+- failed: no candidate identifier in the answer; the ranking is the shown order and means nothing.
+- no_decision: the model's own first generated token is not an identifier, so the state that
+  produced it (`h_dec`) is not the decision "this candidate is first".
+- cut: generation hit max_new_tokens before EOS; the ranking is what was written, missing appended.
+- repaired / ok: as parsed.
 """
 
 from __future__ import annotations
@@ -12,8 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-Status = Literal["ok", "repaired", "failed"]
-STATUSES: tuple[str, ...] = ("ok", "repaired", "failed")
+Status = Literal["ok", "repaired", "failed", "no_decision", "cut"]
+STATUSES: tuple[str, ...] = ("ok", "repaired", "failed", "no_decision", "cut")
+# Rows whose h_dec is the teacher's decision state and whose ranking came from the model's answer.
+DECISION_STATUSES: tuple[str, ...] = ("ok", "repaired", "cut")
 
 _BRACKETED = re.compile(r"\[\s*([^\[\]\s]{1,8})\s*\]")
 _SEPARATORS = re.compile(r"[\s>,;]+")
@@ -62,3 +72,14 @@ def parse_ranking(text: str, labels: Sequence[str]) -> ParseResult:
     else:
         status = "ok"
     return ParseResult(tuple(ranking), status, n_found, n_dup, n_unknown, len(missing), extra)
+
+
+def generation_status(parsed: ParseResult, first_is_identifier: bool, hit_budget: bool) -> Status:
+    """A generated row's status from its parse, the model's first token and the decode budget."""
+    if parsed.status == "failed":
+        return "failed"
+    if not first_is_identifier:
+        return "no_decision"
+    if hit_budget:
+        return "cut"
+    return parsed.status
