@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,21 +94,23 @@ def corruption(args: argparse.Namespace) -> dict:
         control[cmd] = {"exit": proc.returncode, "seconds": round(time.perf_counter() - t0, 1),
                         "error": _first_error(proc) if proc.returncode else ""}
         print(f"control / {cmd}: exit {proc.returncode}", flush=True)
-    rows = []
+    def one(i: int, kind: str, name: str | None, store: Path, cmd: str, argv: list[str]) -> dict:
+        t0 = time.perf_counter()
+        proc = run_gedistill(*argv, cwd=root)
+        trained = (root / "out" / f"k{i:02d}" / "student").exists()
+        named = name or str(store)
+        caught = proc.returncode == 2 and _named(proc, named) and "Traceback" not in proc.stderr and not trained
+        print(f"{kind} / {cmd}: exit {proc.returncode}, names file {_named(proc, named)}, caught {caught}", flush=True)
+        return {"kind": kind, "command": cmd, "exit": proc.returncode, "names_file": _named(proc, named),
+                "file": name or "(the store)", "traceback": "Traceback" in proc.stderr, "student_written": trained,
+                "caught": caught, "seconds": round(time.perf_counter() - t0, 1), "message": _first_error(proc)}
+
+    jobs = []
     for i, (kind, (_, name)) in enumerate(KINDS.items()):
         store = damaged_copy(world, kind, root / "damaged" / f"k{i:02d}")
-        named = name or str(store)
-        for cmd, argv in commands(store, f"k{i:02d}").items():
-            t0 = time.perf_counter()
-            proc = run_gedistill(*argv, cwd=root)
-            trained = (root / "out" / f"k{i:02d}" / "student").exists()
-            caught = proc.returncode == 2 and _named(proc, named) and "Traceback" not in proc.stderr and not trained
-            rows.append({"kind": kind, "command": cmd, "exit": proc.returncode, "names_file": _named(proc, named),
-                         "file": named if name else "(the store)", "traceback": "Traceback" in proc.stderr,
-                         "student_written": trained, "caught": caught,
-                         "seconds": round(time.perf_counter() - t0, 1), "message": _first_error(proc)})
-            print(f"{kind} / {cmd}: exit {proc.returncode}, names file {rows[-1]['names_file']}, caught {caught}",
-                  flush=True)
+        jobs += [(i, kind, name, store, cmd, argv) for cmd, argv in commands(store, f"k{i:02d}").items()]
+    with ThreadPoolExecutor(args.jobs) as pool:  # subprocesses: the threads only wait
+        rows = list(pool.map(lambda job: one(*job), jobs))
     by_cmd = {c: f"{sum(r['caught'] for r in rows if r['command'] == c)}/{len(KINDS)}" for c in control}
     shutil.rmtree(root, ignore_errors=True)
     return {"kinds": len(KINDS), "caught_by_command": by_cmd, "control": control, "rows": rows}
@@ -189,6 +192,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="JSON result file (default benchmarks/results/campaign_store_<campaign>.json)")
     ap.add_argument("--random", type=int, default=3, help="kill: random-time kills besides the fault points")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=1, help="corruption: commands run at once")
     args = ap.parse_args()
     t0 = time.perf_counter()
     result = corruption(args) if args.campaign == "corruption" else kill(args)

@@ -210,6 +210,7 @@ def test_generate_mode_parses_and_counts(inputs, tmp_path):
 
 def test_store_reader_imports_no_llm_stack(tmp_path):
     code = ("import sys, pipeline.store, pipeline.store_check, pipeline.store_merge, pipeline.store_lock, pipeline.store_format,"
+            " pipeline.store_read,"
             " pipeline.store_faults, stages.cache, stages.cli;"
             "bad=[m for m in ('transformers','vllm') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
