@@ -4,8 +4,9 @@
         --epochs 20 --out benchmarks/results/collapse_check.json
 
 Runs `gedistill student-train --teacher-cache STORE` once per setting (emb loss x w_rec x w_rank),
-in child processes, and reads each run's per-epoch history (u_norm, proj_norm, l_emb) and test
-metrics. Without --store it builds the synthetic cluster world of the transfer-proof test
+in child processes, and reads each run's per-epoch history (u_norm, proj_norm, l_emb) and its validation
+and test metrics. Settings are ranked on validation NDCG@10 (the model each run keeps is its best
+validation epoch); test is reported after, never used to choose. Without --store it builds the synthetic cluster world of the transfer-proof test
 (tests/distill_helpers.py) with its oracle teacher, so it runs anywhere in about a minute per setting.
 Extra student-train options can follow `--`.
 """
@@ -49,6 +50,11 @@ def synthetic(work: Path) -> tuple[Path, Path, list[str]]:
     return work / "prepared", work / "store", model
 
 
+def rank_on_validation(rows: list[dict]) -> list[str]:
+    """Setting names, best validation NDCG@10 first. Test NDCG@10 is in each row for the report only."""
+    return [r["setting"] for r in sorted(rows, key=lambda r: -r["valid_ndcg@10"])]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prepared", type=Path)
@@ -79,23 +85,28 @@ def main() -> None:
         if p.returncode:
             raise SystemExit(f"{name} failed:\n{p.stderr[-3000:]}")
         hist = json.loads((out / "history.json").read_text())
-        test = json.loads((out / "metrics.json").read_text())["test"]
+        metrics = json.loads((out / "metrics.json").read_text())
+        valid, test = metrics["valid"], metrics["test"]
         first, last = hist[0], hist[-1]
         rows.append({"setting": name, "args": args, "seconds": time.perf_counter() - t0,
                      "u_norm": [first["u_norm"], last["u_norm"]], "proj_norm": [first["proj_norm"], last["proj_norm"]],
                      "l_emb": [first["l_emb"], last["l_emb"]],
                      "u_spread": [first.get("u_spread"), last.get("u_spread")],
                      "proj_spread": [first.get("proj_spread"), last.get("proj_spread")], "min_u_norm": min(r["u_norm"] for r in hist),
-                     "min_proj_norm": min(r["proj_norm"] for r in hist), "test_ndcg@10": test["ndcg@10"],
-                     "test_hr@10": test["hr@10"], "best_epoch": json.loads((out / "metrics.json").read_text())["best_epoch"]})
+                     "min_proj_norm": min(r["proj_norm"] for r in hist), "valid_ndcg@10": valid["ndcg@10"],
+                     "valid_hr@10": valid["hr@10"], "test_ndcg@10": test["ndcg@10"],
+                     "test_hr@10": test["hr@10"], "best_epoch": metrics["best_epoch"]})
         r = rows[-1]
         print(f"{name:40} |u| {r['u_norm'][0]:7.3f} -> {r['u_norm'][1]:7.3f}   |W_p h| {r['proj_norm'][0]:7.3f} -> "
               f"{r['proj_norm'][1]:7.3f}   spread u {r['u_spread'][0]:.3f} -> {r['u_spread'][1]:.3f}, W_p h "
               f"{r['proj_spread'][0]:.3f} -> {r['proj_spread'][1]:.3f}   L_emb {r['l_emb'][0]:8.4f} -> {r['l_emb'][1]:8.4f}   "
-              f"test NDCG@10 {r['test_ndcg@10']:.4f}", flush=True)
+              f"valid NDCG@10 {r['valid_ndcg@10']:.4f}   test NDCG@10 {r['test_ndcg@10']:.4f}", flush=True)
+    ranking = rank_on_validation(rows)
+    print("ranked on validation NDCG@10 (test reported, not used): " + " > ".join(ranking))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"data": data_name, "epochs": a.epochs, "command": "python benchmarks/collapse_check.py "
-                                 + " ".join(sys.argv[1:]), "runs": rows}, indent=2) + "\n")
+                                 + " ".join(sys.argv[1:]), "selection": "validation NDCG@10",
+                                 "ranking_by_validation": ranking, "runs": rows}, indent=2) + "\n")
     print(f"wrote {a.out}")
 
 

@@ -5,7 +5,9 @@
 Each run trains `pipeline.train.fit` on data/prepared (made by `gedistill prepare`) at one torch
 thread (defaults: the project's, from SasrecConfig/TrainConfig) and appends one JSON line per seed to benchmarks/results/sweep_student.jsonl: the settings,
 best epoch, epochs run, seconds, and unmasked valid/test metrics. `--summary` prints the mean and
-standard error per setting name, valid first (the selection criterion), then test.
+standard error per setting name, ranked by validation NDCG@10 (the selection criterion), test after;
+`--summary --seeds 2020 1 2` compares every setting over the same seeds (not every setting in the
+recorded file ran three: see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -20,11 +22,24 @@ REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "results" / "sweep_student.jsonl"
 
 
-def summary(path: Path) -> None:
+def summary(path: Path, seeds: list[int] | None = None) -> list[str]:
+    """Print one row per setting, ranked by mean validation NDCG@10 (the selection criterion); test is
+    reported after and never used to rank. Settings that ran other seeds than the others are not
+    comparable on a mean: `seeds` restricts every setting to those seeds, and the `seeds` column
+    shows what each row averages. Returns the setting names in rank order."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if seeds:
+        rows = [r for r in rows if r["seed"] in seeds]
     names = list(dict.fromkeys(r["name"] for r in rows))
-    print(f"{'setting':<24}{'n':>3} {'valid ndcg@10':>15} {'test ndcg@10':>15} {'test hr@10':>15} {'epochs':>7} {'s/run':>7}")
-    for n in names:
+
+    def mean(rs: list[dict], split: str, key: str) -> float:
+        return statistics.mean(r[split][key] for r in rs)
+
+    ranked = sorted(names, key=lambda n: -mean([r for r in rows if r["name"] == n], "valid", "ndcg@10"))
+    print(f"ranked by validation NDCG@10{' over seeds ' + ' '.join(map(str, seeds)) if seeds else ''}; "
+          "test reported after, not used to choose")
+    print(f"{'setting':<38}{'seeds':<16}{'valid ndcg@10':>15} {'test ndcg@10':>15} {'test hr@10':>15} {'epochs':>7} {'s/run':>7}")
+    for n in ranked:
         rs = [r for r in rows if r["name"] == n]
 
         def ms(key: str, split: str) -> str:
@@ -33,7 +48,12 @@ def summary(path: Path) -> None:
             return f"{statistics.mean(v):.4f}±{se:.4f}"
         ep = statistics.mean(r["epochs_run"] for r in rs)
         sec = statistics.mean(r["seconds"] for r in rs)
-        print(f"{n:<24}{len(rs):>3} {ms('ndcg@10', 'valid'):>15} {ms('ndcg@10', 'test'):>15} {ms('hr@10', 'test'):>15} {ep:>7.0f} {sec:>7.0f}")
+        seed_list = ",".join(str(r["seed"]) for r in rs)
+        other = {r.get("prepared") for r in rs} - {None, str(REPO / "data" / "prepared")}
+        n = n + (" (other data)" if other else "")  # e.g. RecBole's split: not a candidate for the same choice
+        print(f"{n:<38}{seed_list:<16}{ms('ndcg@10', 'valid'):>15} {ms('ndcg@10', 'test'):>15} "
+              f"{ms('hr@10', 'test'):>15} {ep:>7.0f} {sec:>7.0f}")
+    return ranked
 
 
 def main() -> None:
@@ -54,10 +74,12 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=OUT)
-    p.add_argument("--summary", action="store_true", help="print the table of --out and exit")
+    p.add_argument("--summary", action="store_true",
+                   help="print --out's settings ranked by validation and exit (with --seeds given: over those seeds only)")
     a = p.parse_args()
     if a.summary:
-        summary(a.out)
+        given = any(arg.startswith("--seeds") for arg in __import__("sys").argv[1:])
+        summary(a.out, a.seeds if given else None)
         return
     if not a.name:
         p.error("--name is required unless --summary")
