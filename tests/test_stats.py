@@ -60,3 +60,32 @@ def test_bad_inputs():
         paired_bootstrap(np.zeros(3), np.zeros(4))
     with pytest.raises(ValueError, match="no users"):
         paired_bootstrap(np.zeros(0), np.zeros(0))
+
+
+def test_bootstrap_matches_the_exact_distribution_by_enumeration():
+    """d = b - a = (0, 0, 3). A resample of 3 users holds k copies of the 3, k ~ Binomial(3, 1/3), so
+    its mean is k with P = 8/27, 12/27, 6/27, 1/27 (worked out by hand). Then the 95% CI is [0, 3]
+    (P(0) = 0.296 > 0.025; P(k <= 2) = 26/27 = 0.963 < 0.975) and the two-sided p-value is
+    2 * min(P(mean <= 0), P(mean >= 0)) = 16/27. Fails if the CI, the p-value or the pairing is wrong."""
+    a = np.array([1.0, 2.0, 0.0])
+    b = np.array([1.0, 2.0, 3.0])
+    r = paired_bootstrap(a, b, n_boot=40000, seed=0)
+    assert r.diff == 1.0 and r.mean_a == 1.0 and r.mean_b == 2.0
+    assert (r.ci_low, r.ci_high) == (0.0, 3.0)
+    assert abs(r.p_value - 16 / 27) < 0.015
+    assert not r.significant and r.n_users == 3 and r.n_boot == 40000
+
+
+def test_bootstrap_ci_matches_the_normal_approximation():
+    """For n = 2000 users the bootstrap mean is close to normal: CI = mean +- 1.96 sd / sqrt(n), with
+    sd the population sd of d (closed form, not the function under test). Fails if the CI is
+    computed at another confidence, on unpaired data, or with the wrong spread."""
+    rng = np.random.default_rng(11)
+    a = rng.random(2000)
+    d = rng.normal(0.02, 0.3, size=2000)
+    r = paired_bootstrap(a, a + d, n_boot=4000, seed=3)
+    half = 1.96 * d.std() / np.sqrt(len(d))
+    assert abs(r.ci_low - (d.mean() - half)) < 0.12 * half
+    assert abs(r.ci_high - (d.mean() + half)) < 0.12 * half
+    r90 = paired_bootstrap(a, a + d, n_boot=4000, seed=3, confidence=0.9)
+    assert abs((r90.ci_high - r90.ci_low) / 2 - 1.645 * d.std() / np.sqrt(len(d))) < 0.12 * half
