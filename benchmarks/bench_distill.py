@@ -7,7 +7,7 @@ first). Teacher stores are synthetic but contract-shaped (written with pipeline.
 random candidates holding the target, a random ranking and scores, random h_dec rows.
 
 1. Epoch time. `pipeline.train.fit` with the project defaults (hidden 64, 2 blocks, max length
-   50, full-softmax CE, batch 64 windows), baseline and distilled alternating in fresh child
+   50, full-softmax CE; TrainConfig's batch: 64 windows when the recorded results were measured, 16 since), baseline and distilled alternating in fresh child
    processes, `--epochs` epochs each; a side's figure is the median of `history[].train_seconds`
    (validation excluded). The distilled store: the last `--last-m` training positions of every
    user, K=20, h_dec width `--width` (576 = the default teacher) in float16.
