@@ -96,10 +96,37 @@ def load_inputs(prepared: Path, candidates: Path, limit: int | None = None) -> D
         frame = frame.head(limit)
     if frame.height == 0:
         raise UsageError(f"{candidates}: no teacher samples")
+    _check_training_prefixes(frame, data.train, candidates)
     titles = [""] * (data.n_items + 1)
     for idx, title in zip(data.items["item_idx"].to_list(), data.items["title"].to_list()):
         titles[idx] = title
     return DumpInputs(frame, data.train, titles, data.fingerprint, meta["fingerprint"], int(meta["k"]))
+
+
+def _check_training_prefixes(frame: pl.DataFrame, train: list[np.ndarray], source: Path) -> None:
+    """Every sample must be a training prefix: 0 <= position < len(train[user]), target = train[user][position].
+
+    A row at position == len(train) would show the teacher the validation item as its target (and
+    the history of a later row would hold it): leakage into stage one, refused before any compute.
+    """
+    users = frame["user_idx"].to_numpy().astype(np.int64)
+    pos = frame["position"].to_numpy().astype(np.int64)
+    bad_user = (users < 0) | (users >= len(train))
+    lengths = np.array([len(t) for t in train], dtype=np.int64)
+    length = np.where(bad_user, 0, lengths[np.clip(users, 0, max(0, len(train) - 1))])
+    bad = bad_user | (pos < 0) | (pos >= length)
+    if not bad.any():
+        target = np.array([train[u][p] for u, p in zip(users, pos)], dtype=np.int64)
+        bad = target != frame["target"].to_numpy().astype(np.int64)
+        what = "its target is not the training item at its position"
+    else:
+        what = "its position is not inside the user's training sequence (a validation or test item would leak)"
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise UsageError(
+            f"{source}: {int(bad.sum())} sample(s) are not training prefixes, e.g. sample_id "
+            f"{frame['sample_id'][i]} (user {users[i]}, position {pos[i]}, training length "
+            f"{length[i] if not bad_user[i] else 'n/a'}): {what}; rerun `gedistill retrieve` on these prepared data")
 
 
 def shown_order(sample_id: int, k: int, seed: int, order: CandidateOrder) -> np.ndarray:
