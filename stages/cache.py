@@ -55,8 +55,13 @@ def info(store: Annotated[Path, typer.Argument(exists=True, file_okay=False, hel
     s = m["settings"]
     status: Counter[str] = Counter()
     truncated = rows = 0
-    for shard in m["shards"]:
-        t = pq.read_table(store / shard["name"], columns=["status", "truncated"])
+    unreadable = []
+    for shard in m.get("shards", []):
+        try:
+            t = pq.read_table(store / shard["name"], columns=["status", "truncated"])
+        except Exception:  # info summarizes; `cache verify` says what is wrong
+            unreadable.append(shard["name"])
+            continue
         status.update(t.column("status").to_pylist())
         truncated += sum(t.column("truncated").to_pylist())
         rows += t.num_rows
@@ -83,6 +88,9 @@ def info(store: Annotated[Path, typer.Argument(exists=True, file_okay=False, hel
     ]:
         table.add_row(key, value)
     Console().print(table)
+    if unreadable:
+        typer.echo(f"warning: {len(unreadable)} shard(s) unreadable (e.g. {unreadable[0]}); run `gedistill cache "
+                   f"verify {store}`", err=True)
 
 
 @app.command("verify")

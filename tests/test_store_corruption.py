@@ -239,3 +239,15 @@ def test_installed_cache_verify_and_merge_exit_2_naming_the_file(world, tmp_path
         assert f"{SHARDS[1]}: sha256 differs" in " ".join((r.stdout + r.stderr).split())
         assert "Traceback" not in r.stderr
     assert not (tmp_path / "merged" / SHARDS[1]).exists()
+
+
+def test_cache_info_on_a_damaged_store_warns_instead_of_a_traceback(world, tmp_path):
+    """Fails if `cache info` reads shards unguarded: an empty shard file raised ArrowInvalid (a traceback)."""
+    from typer.testing import CliRunner
+
+    from stages.cache import app as cache_app
+
+    store = damaged_copy(world, "empty shard file", tmp_path / "store")
+    result = CliRunner().invoke(cache_app, ["info", str(store)])
+    assert result.exit_code == 0 and result.exception is None, result.output
+    assert f"1 shard(s) unreadable (e.g. {SHARDS[2]})" in " ".join(result.output.split())
