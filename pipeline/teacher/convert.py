@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import UsageError
-from pipeline.store import sha256_file
+from pipeline.teacher.hashcache import cached_sha256
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ MARKER = "gedistill-convert.json"
 class TeacherSource:
     name: str  # short display name
     location: str  # what from_pretrained gets: a local directory or a hub id
-    revision: str  # sha256 of the GGUF file, or of a local directory's config + weights listing, or a hub id
+    revision: str  # sha256 of the GGUF file, or over a local directory's files' names and sha256s, or a hub id
 
 
 def cache_root() -> Path:
@@ -51,12 +51,16 @@ def embedded_gguf() -> Path:
 
 
 def _local_dir_revision(path: Path) -> str:
-    h = hashlib.sha256()
+    """sha256 over each file's name and content hash: weights, config and tokenizer alike.
+
+    Names and sizes are not enough: a model fine-tuned and saved into the same directory keeps both,
+    and its old store would be reused as if current. Content hashes are cached per file version
+    (`hashcache`), so only changed files are read again.
+    """
+    h = hashlib.sha256(b"gedistill-dir-v2")
     for p in sorted(path.iterdir()):
         if p.is_file():
-            h.update(f"{p.name}:{p.stat().st_size}\n".encode())
-            if p.suffix == ".json":
-                h.update(p.read_bytes())
+            h.update(f"{p.name}:{cached_sha256(p, cache_root())}\n".encode())
     return h.hexdigest()
 
 
@@ -64,13 +68,13 @@ def resolve_teacher(teacher: str) -> TeacherSource:
     """`embedded` (default) -> the converted SmolLM2 dir; a local dir -> itself; anything else -> a hub id."""
     if teacher in EMBEDDED_ALIASES:
         gguf = embedded_gguf()
-        digest = sha256_file(gguf)
+        digest = cached_sha256(gguf, cache_root())
         return TeacherSource(EMBEDDED_NAME, str(convert_gguf(gguf, EMBEDDED_NAME, digest)), f"gguf-sha256:{digest}")
     path = Path(teacher).expanduser()
     if path.is_dir():
         return TeacherSource(path.name, str(path), f"dir-sha256:{_local_dir_revision(path)}")
     if path.suffix == ".gguf" and path.is_file():
-        digest = sha256_file(path)
+        digest = cached_sha256(path, cache_root())
         return TeacherSource(path.stem, str(convert_gguf(path, path.stem.lower(), digest)), f"gguf-sha256:{digest}")
     return TeacherSource(teacher.rsplit("/", 1)[-1], teacher, f"hub:{teacher}")
 
