@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/campaign_store.py corruption   # 27 kinds x cache verify / cache merge / student-train / evaluate
     .venv/bin/python benchmarks/campaign_store.py kill         # SIGKILL teacher-dump (real embedded teacher), then rerun
+    .venv/bin/python benchmarks/campaign_store.py verify-cost  # what verifying a store costs against sha256 alone
 
 corruption: small stores made with the fake teacher (tests/test_store_corruption.py holds the kinds);
 each damaged copy goes through the four commands as a subprocess; a kind is caught by a command when it
@@ -186,16 +187,57 @@ def kill(args: argparse.Namespace) -> dict:
             "ok": f"{sum(r['ok'] for r in results)}/{len(results)}", "results": results}
 
 
+def verify_cost(args: argparse.Namespace) -> dict:
+    """Seconds to verify a synthetic store (20,000 rows, h_dec 576 x float16) against sha256 alone."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.store import StoreSpec, StoreWriter, sha256_file
+    from pipeline.store_check import verify_store
+
+    n, k, width, shard_rows = 20_000, 20, 576, 2048
+    rng = np.random.default_rng(0)
+    root = Path(tempfile.mkdtemp(prefix="campaign-verify-")) / "store"
+    spec = StoreSpec({"k": k, "prepared_fingerprint": "synthetic", "teacher": {"name": "synthetic", "hidden_size": width}},
+                     n, shard_rows, width, "float16")
+    writer = StoreWriter(root, spec)
+    for i in range(spec.n_shards):
+        a, b = spec.shard_range(i)
+        m = b - a
+        writer.write_shard(i, pa.table({
+            "sample_id": pa.array(np.arange(a, b), pa.int64()), "user_idx": pa.array(np.zeros(m, np.int32)),
+            "position": pa.array(np.ones(m, np.int32)), "target": pa.array(np.ones(m, np.int32)),
+            "candidates": pa.array([list(range(1, k + 1))] * m, pa.list_(pa.int32())),
+            "ranking": pa.array([rng.permutation(k).tolist() for _ in range(m)], pa.list_(pa.int16())),
+            "scores": pa.array(rng.standard_normal((m, k)).astype(np.float32).tolist(), pa.list_(pa.float32())),
+            "h_dec": pa.FixedSizeListArray.from_arrays(pa.array(rng.standard_normal(m * width).astype(np.float16)), width),
+            "status": pa.array(["ok"] * m), "prompt_tokens": pa.array(np.full(m, 400, np.int32)),
+            "truncated": pa.array([False] * m), "prompt": pa.array(["x" * 1500] * m),
+            "generated": pa.array([None] * m, pa.string())}))
+    writer.write_manifest()
+    shards = sorted(root.glob("part-*.parquet"))
+    t0 = time.perf_counter()
+    for path in shards:
+        sha256_file(path)
+    t1 = time.perf_counter()
+    problems = verify_store(root)
+    t2 = time.perf_counter()
+    mb = round(sum(p.stat().st_size for p in shards) / 1e6, 1)
+    shutil.rmtree(root.parent, ignore_errors=True)
+    return {"rows": n, "shards": len(shards), "mb": mb,
+            "sha256_only_s": round(t1 - t0, 2), "verify_store_s": round(t2 - t1, 2), "problems": problems}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("campaign", choices=["corruption", "kill"])
+    ap.add_argument("campaign", choices=["corruption", "kill", "verify-cost"])
     ap.add_argument("--out", type=Path, help="JSON result file (default benchmarks/results/campaign_store_<campaign>.json)")
     ap.add_argument("--random", type=int, default=3, help="kill: random-time kills besides the fault points")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=1, help="corruption: commands run at once")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    result = corruption(args) if args.campaign == "corruption" else kill(args)
+    result = {"corruption": corruption, "kill": kill, "verify-cost": verify_cost}[args.campaign](args)
     result["machine"] = {"cpus": os.cpu_count(), "load_avg_1m_at_end": os.getloadavg()[0], "python": platform.python_version()}
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)
     out = args.out or ROOT / "benchmarks" / "results" / f"campaign_store_{args.campaign}.json"
