@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import string
 
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.teacher.parse import parse_ranking
 
-# The machine is shared and loaded: no per-example deadline, a modest number of examples.
-PROPERTY = settings(max_examples=200, deadline=None)
+# The machine is shared and loaded: no per-example deadline or slowness check, a modest number of examples.
+PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 _PIECES = st.sampled_from(["[", "]", ">", " > ", ",", ";", "\n", " ", "Toy Story (1995)", "[Z]", "[10]", "[ b ]",
                            "[AA]", "1.", "A", "C", "c", "[]", "[[", "]]"])
