@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -266,6 +267,36 @@ def _differing_files(a: Path, b: Path) -> dict[str, list[str]]:
     return diffs
 
 
+# Known, and owned by pipeline/store.py: its manifest records when it was written and each shard's mtime.
+STORE_MANIFEST = "data/teacher/manifest.json"
+STORE_HOST_KEYS = re.compile(r"^(created|updated|shards\.\[\d+\]\.mtime_ns)$")
+
+
+def _unexpected(diffs: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The differences that are not the teacher manifest's known dates and mtimes."""
+    return {f: keys for f, keys in diffs.items()
+            if f != STORE_MANIFEST or not keys or not all(STORE_HOST_KEYS.match(k) for k in keys)}
+
+
+def test_clone_comparison_names_what_differs(tmp_path: Path):
+    """Fails if the two-clone comparison misses a timing in a tracked output or files it under the known
+    manifest issue (then the slow test's xfail would hide a new host fact, e.g. `train_seconds` in
+    history.json), or if it looks at untracked files such as the `*.timing.json` next to the metrics."""
+    for clone, seconds in (("a", 1.5), ("b", 2.5)):
+        run = tmp_path / clone / "data" / "students" / "baseline"
+        run.mkdir(parents=True)
+        (run / "history.json").write_text(json.dumps([{"epoch": 1, "loss": 3.0, "train_seconds": seconds}]))
+        store = tmp_path / clone / "data" / "teacher"
+        store.mkdir(parents=True)
+        (store / "manifest.json").write_text(json.dumps({"created": clone, "shards": [{"sha256": "x", "mtime_ns": seconds}]}))
+        (tmp_path / clone / "data" / "metrics").mkdir()
+        (tmp_path / clone / "data" / "metrics" / "baseline.timing.json").write_text(str(seconds))
+    diffs = _differing_files(tmp_path / "a", tmp_path / "b")
+    assert diffs == {"data/students/baseline/history.json": ["[0].train_seconds"],
+                     STORE_MANIFEST: ["created", "shards.[0].mtime_ns"]}
+    assert _unexpected(diffs) == {"data/students/baseline/history.json": ["[0].train_seconds"]}
+
+
 @pytest.mark.slow
 @pytest.mark.teacher
 @pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=(
@@ -275,15 +306,19 @@ def test_two_clean_clones_write_identical_dvc_lock(tmp_path: Path):
     """Fails if any DVC-tracked output (outs and cached-false metrics) holds a timing, a date, an absolute
     path or another host fact: two clones of the repo in different directories, running `dvc repro` on a
     tiny profile (8 users, the real embedded teacher on 8 samples), must record the same hash for every
-    output. The failure names the files that differ."""
+    output. Any difference other than the teacher manifest's dates and mtimes (the expected failure until
+    pipeline/store.py drops them) is a hard failure naming the files and JSON keys."""
     files = _tracked_files()
     a, b = tmp_path / "clone_a", tmp_path / "clone_b"
     _clone(a, files)
     _clone(b, files, src=a)  # both from one snapshot: the working tree may change while the test runs
     locks = [_repro(a), _repro(b)]
-    if locks[0] != locks[1]:
-        pytest.fail("dvc.lock differs between two clean clones; files that differ: "
-                    f"{_differing_files(tmp_path / 'clone_a', tmp_path / 'clone_b')}")
+    diffs = _differing_files(a, b)
+    unexpected = _unexpected(diffs)
+    assert not unexpected, f"DVC-tracked outputs differ between two clean clones: {unexpected}"
+    assert diffs or locks[0] == locks[1], "dvc.lock files differ although every tracked output is identical"
+    if diffs:
+        pytest.fail(f"dvc.lock differs between two clean clones, through the teacher manifest only: {diffs}")
 
 
 # Choices made on validation: the benchmark scripts that pick a setting rank on validation, never test.
