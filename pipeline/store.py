@@ -60,9 +60,13 @@ class StoreWriter:
         """replace_mismatched: a store made with other settings is deleted (with a warning naming the
         differences) instead of refused; for pipelines that keep older outputs elsewhere (DVC's cache)."""
         self.root, self.spec = Path(root), spec
-        self.root.mkdir(parents=True, exist_ok=True)
         self._written: dict[str, tuple[str, int, int]] = {}  # name -> sha256, size, mtime of shards written here
-        hold_run(self.root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            hold_run(self.root)
+        except OSError as e:  # read-only or missing parent, a file in the way: the user's to fix
+            raise UsageError(f"cannot write the teacher store at {self.root} ({e.strerror or e}); "
+                             "choose a writable --out directory") from None
         with manifest_lock(self.root):  # a worker replacing the store must not race one that just did
             self._check_compatible(replace_mismatched)
             self._drop_manifest_temps()

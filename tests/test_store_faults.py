@@ -250,3 +250,21 @@ def test_two_workers_share_one_directory_at_once(world):
     assert json.loads(a.stdout)["complete"] or json.loads(b.stdout)["complete"]
     assert json.loads((root / "shared" / MANIFEST).read_text())["complete"]
     assert_whole(root / "shared", root / "ref")
+
+
+def test_an_unwritable_out_is_a_usage_error(world, tmp_path):
+    """Fails if a read-only parent or a file in place of --out surfaces as a PermissionError or
+    FileExistsError traceback instead of a message that says to choose a writable directory."""
+    _, inputs = world
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(UsageError, match="choose a writable --out"):
+        dump(inputs, tmp_path / "file")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if not os.access(ro, os.W_OK):  # root writes anywhere: then only the case above applies
+            with pytest.raises(UsageError, match="choose a writable --out"):
+                dump(inputs, ro / "store")
+    finally:
+        ro.chmod(0o700)
