@@ -74,15 +74,11 @@ def file_identity(path: Path) -> dict:
 
 
 def _host_neutral(extra: dict) -> dict:
-    """`extra` with every value that names an existing file (`interactions_file`) replaced by the file's
-    identity (name, sha256, package==version): summary.json is a DVC output and must hash the same on
-    every machine, so it records no absolute path."""
-    out = {}
-    for key, value in extra.items():
-        if isinstance(value, (str, Path)) and str(value) and Path(value).is_file():
-            value = file_identity(Path(value))
-        out[key] = value
-    return out
+    """`extra` with each `*_file` entry (`interactions_file`) replaced by the file's identity (name, sha256,
+    package==version): summary.json is a DVC output and must hash the same on every machine, so it
+    records no absolute path. Only `*_file` keys: a dataset name that happens to match a file stays text."""
+    return {key: file_identity(Path(value)) if key.endswith("_file") and isinstance(value, (str, Path))
+            and Path(value).is_file() else value for key, value in extra.items()}
 
 
 def write_prepared(out: Path, seqs: pl.DataFrame, items: pl.DataFrame, extra: dict) -> dict:

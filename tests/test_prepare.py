@@ -170,3 +170,19 @@ def test_embedded_source_is_named_by_package_and_version(tmp_path: Path):
     assert not [s for s in _strings(summary) if s.startswith("/") or "site-packages" in s]
     assert summary["interactions_file"]["package"] == "recbole==1.2.1"
     assert summary["interactions_file"]["name"] == "recbole/dataset_example/ml-100k/ml-100k.inter"
+
+
+def test_only_file_entries_become_identities(tmp_path: Path, monkeypatch):
+    """Fails if write_prepared turns a non-file entry into a file identity because its text names a file
+    (a dataset called like a file in the working directory), or leaves an absolute `*_file` path in."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "inter.csv").write_text("user_id,item_id,timestamp\n")
+    seqs, items, _ = build_sequences(frame([("a", "1", 1), ("a", "2", 2), ("a", "3", 3)]), None, PrepareConfig())
+    summary = write_prepared(tmp_path / "prep", seqs, items,
+                             {"dataset": "inter.csv", "interactions_file": str(tmp_path / "inter.csv")})
+    assert summary["dataset"] == "inter.csv"
+    assert summary["interactions_file"]["name"] == "inter.csv" and "package" not in summary["interactions_file"]
+    assert str(tmp_path) not in (tmp_path / "prep" / "summary.json").read_text()
+    assert json.loads((tmp_path / "prep" / "summary.json").read_text())["interactions_file"] == summary["interactions_file"]
