@@ -46,10 +46,11 @@ class StoreInfo:
         return self.manifest["settings"]["k"]
 
 
-def open_store(root: Path, checksums: bool = True) -> StoreInfo:
+def open_store(root: Path, checksums: bool = True, prepared: Any = None) -> StoreInfo:
     """Load the manifest of a complete store. checksums=True (what training and evaluation use): the whole
     store is verified first, streaming (store_check.verify_store: manifest, schema, sha256, sample ids,
-    rankings), and any problem refuses it, naming the file."""
+    rankings), and any problem refuses it, naming the file. prepared (a Prepared): also check that the
+    store was made from it, row by row."""
     root = Path(root)
     mpath = root / MANIFEST
     if not mpath.exists():
@@ -65,7 +66,7 @@ def open_store(root: Path, checksums: bool = True) -> StoreInfo:
     if not manifest.get("complete"):
         raise UsageError(f"{root}: incomplete store ({len(shards)} of {manifest.get('n_shards')} shards); rerun teacher-dump to finish it")
     if checksums:
-        problems = verify_store(root)
+        problems = verify_store(root, prepared)
         if problems:
             raise UsageError(f"{root} fails verification, refusing to use it ({len(problems)} problem(s)): "
                              + "; ".join(problems[:8]) + ("; ..." if len(problems) > 8 else "")

@@ -251,3 +251,22 @@ def test_cache_info_on_a_damaged_store_warns_instead_of_a_traceback(world, tmp_p
     result = CliRunner().invoke(cache_app, ["info", str(store)])
     assert result.exit_code == 0 and result.exception is None, result.output
     assert f"1 shard(s) unreadable (e.g. {SHARDS[2]})" in " ".join(result.output.split())
+
+
+def test_open_store_checks_rows_against_the_given_prepared_data(world):
+    """Fails if open_store ignores `prepared`: a store of another dataset whose settings were forged to
+    carry this dataset's fingerprint is told apart only by its rows (targets not train[user][position])."""
+    from pipeline.store import open_store
+
+    prepared = load_prepared(world.prepared)
+    assert open_store(world.good, prepared=prepared).n_rows == 10
+    forged = world.root / "forged"
+    shutil.copytree(world.other_data, forged)
+    m = json.loads((forged / MANIFEST).read_text())
+    m["settings"]["prepared_fingerprint"] = prepared.fingerprint
+    from pipeline.store import fingerprint_of
+
+    m["fingerprint"] = fingerprint_of(m["settings"])  # shards keep the old one: caught as foreign too
+    (forged / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(UsageError, match=r"row\(s\) whose user/position/target are not in the given prepared data"):
+        open_store(forged, prepared=prepared)
