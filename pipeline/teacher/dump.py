@@ -196,7 +196,7 @@ def run_dump(cfg: DumpConfig, inputs: DumpInputs, backend: Backend, teacher: dic
 
         budget = {"max_new_tokens": max_new} if cfg.mode == "generate" else {}
         result = backend.run([p.input_ids for p in prompts], ident_ids, cfg.mode, progress=tick, **budget)
-        table, st = _table(rows, prompts, shown, result, scheme, cfg, ident_ids)
+        table, st = _table(rows, prompts, shown, result, scheme, cfg, ident_ids, max_new)
         writer.write_shard(index, table)
         writer.write_manifest()  # progress is visible to `cache info` while the run goes on
         rate = done / (time.perf_counter() - t0)
@@ -227,7 +227,7 @@ def _render(rows: pl.DataFrame, inputs: DumpInputs, cfg: DumpConfig, tokenizer: 
 
 
 def _table(rows: pl.DataFrame, prompts: list[Any], shown: list[np.ndarray], result: Any, scheme: IdentifierScheme,
-           cfg: DumpConfig, ident_ids: list[int]) -> tuple[pa.Table, Counter[str]]:
+           cfg: DumpConfig, ident_ids: list[int], max_new: int | None = None) -> tuple[pa.Table, Counter[str]]:
     n = rows.height
     h = np.asarray(result.h_dec, dtype=np.float32)
     if not np.isfinite(h).all():
@@ -263,8 +263,8 @@ def _table(rows: pl.DataFrame, prompts: list[Any], shown: list[np.ndarray], resu
         log.warning("%d of %d answers did not start with an identifier: their h_dec is not a decision state "
                     "(status 'no_decision')", status["no_decision"], n)
     if status["cut"]:
-        log.warning("%d of %d answers hit the %s-token decode budget (status 'cut'); raise --max-new-tokens",
-                    status["cut"], n, cfg.max_new_tokens or "default")
+        log.warning("%d of %d answers hit the %s-token decode budget (status 'cut'; their rankings keep what was "
+                    "written, the rest appended in shown order)", status["cut"], n, max_new)
     table = pa.table({
         "sample_id": rows["sample_id"].to_arrow().cast(pa.int64()),
         "user_idx": rows["user_idx"].to_arrow().cast(pa.int32()),
