@@ -267,6 +267,30 @@ def _differing_files(a: Path, b: Path) -> dict[str, list[str]]:
     return diffs
 
 
+def _prepare_cmd(tmp_path: Path, input_opts: dict) -> list[str]:
+    """The prepare command DVC renders from dvc.yaml for a params.yaml whose `prepare.input` is `input_opts`."""
+    from dvc.repo import Repo
+
+    shutil.copy2(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["prepare"]["input"] = input_opts
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    Repo.init(str(tmp_path), no_scm=True)
+    with Repo(str(tmp_path)) as repo:  # a target is read relative to the working directory: name the file
+        return repo.stage.collect(f"{tmp_path / 'dvc.yaml'}:prepare")[0].cmd.split()
+
+
+def test_prepare_input_param_selects_the_data(tmp_path: Path):
+    """Fails if `prepare.input` does not reach the command: empty must run the embedded dataset (no
+    --interactions), a mapping must become prepare's own options (the tiny profile of the two-clone test
+    and users' own files rely on it)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert "--interactions" not in _prepare_cmd(tmp_path / "a", {})
+    cmd = " ".join(_prepare_cmd(tmp_path / "b", {"interactions": "my.csv", "user-col": "uid"}))
+    assert cmd.startswith("gedistill prepare --out data/prepared") and "--interactions my.csv --user-col uid" in cmd
+
+
 # Known, and owned by pipeline/store.py: its manifest records when it was written and each shard's mtime.
 STORE_MANIFEST = "data/teacher/manifest.json"
 STORE_HOST_KEYS = re.compile(r"^(created|updated|shards\.\[\d+\]\.mtime_ns)$")
