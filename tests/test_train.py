@@ -14,6 +14,7 @@ from tests.conftest import synthetic_interactions
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
+    torch.set_num_threads(1)  # tiny models: two threads only spin against each other on a shared machine
     inter = synthetic_interactions(n_users=50, n_items=30, length=10, seed=1).rename(
         {"user_id": "user", "item_id": "item", "timestamp": "ts"}).with_row_index("row")
     seqs, items, _ = build_sequences(inter, None, PrepareConfig())
@@ -40,7 +41,6 @@ def test_same_seed_same_model(data):
     assert [h["loss"] for h in r3.history] != [h["loss"] for h in r1.history]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["ce", "bce"])
 def test_both_losses_learn_and_best_epoch_is_kept(data, loss):
     m, res = train(data, loss=loss, epochs=12, n_neg=4)
