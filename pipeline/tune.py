@@ -80,9 +80,10 @@ def decision_logits(causal_lm: torch.nn.Module, ids: torch.Tensor, mask: torch.T
     base = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else causal_lm.model
     h = base(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state[:, -1, :]
     head = causal_lm.get_output_embeddings()
-    s = h.float() @ head.weight[ident_ids].float().T
-    if getattr(head, "bias", None) is not None:
-        s = s + head.bias[ident_ids].float()
+    with torch.autocast(h.device.type, enabled=False):  # the K logits in float32 even under bf16 autocast
+        s = h.float() @ head.weight[ident_ids].float().T
+        if getattr(head, "bias", None) is not None:
+            s = s + head.bias[ident_ids].float()
     return s
 
 

@@ -290,3 +290,17 @@ def test_run_tune_writes_a_merged_teacher_that_dump_loads(tiny_tune_inputs, tmp_
     again = run_tune(cfg, prepared, student, out)
     assert again["training"]["steps"] == 2  # resumed from the finished checkpoint: no extra steps
     assert again["teacher"]["merged_weights_sha256"] == r["teacher"]["merged_weights_sha256"]
+
+
+def test_decision_logits_are_float32_under_bf16_autocast():
+    """Fails if the identifier logits follow autocast into bfloat16 (numpy cannot take them, and the loss
+    would be computed on 8-bit mantissas): the bf16 CPU profile crashed at its first evaluation."""
+    from pipeline.tune import decision_logits, left_pad, score_examples
+
+    model = tiny_llama().eval()
+    data = marker_task(4)
+    ids, mask, pos = left_pad([e.input_ids for e in data], 0, torch.device("cpu"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s = decision_logits(model, ids, mask, pos, IDENT)
+        arr = score_examples(model, data, IDENT, 0)
+    assert s.dtype == torch.float32 and arr.dtype == np.float32 and arr.shape == (4, K)
