@@ -88,6 +88,7 @@ def _configure(dest: Path, target: str, tests: list[str]) -> list[str]:
         "\n[tool.mutmut]\n"
         'source_paths = ["pipeline"]\n'
         'also_copy = ["stages"]\n'
+        'process_isolation = "forkserver"\n'
         f"only_mutate = {json.dumps([target])}\n"
         'pytest_add_cli_args = ["-m", "not teacher and not slow", "-p", "no:cacheprovider", "--hypothesis-seed=0"]\n'
         f"pytest_add_cli_args_test_selection = {json.dumps(present)}\n"
