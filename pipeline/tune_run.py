@@ -205,7 +205,7 @@ def run_tune(cfg: TuneRunConfig, prepared: Path, student: Path, out: Path,
         "teacher": {"base": source.name, "base_revision": source.revision,
                     "merged_weights_sha256": weights_sha256(out / "merged")},
         "config": json.loads(canonical_json({**asdict(cfg), "template": str(cfg.template)})),
-        "fingerprint": fp, "dtype": choice.name, "dtype_reason": choice.reason,
+        "fingerprint": fp, "dtype": choice.name,  # the reason names the CPU: logged, kept out of this DVC output
         "samples": {"tune_users": int(len(tune_users)), "holdout_users": int(len(hold_users)),
                     "prefixes": int(len(users)), "visited": int(state.seen),
                     "target_forced": float(samples.forced.mean()) if len(samples) else 0.0,
