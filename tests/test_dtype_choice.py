@@ -113,31 +113,24 @@ def test_cpu_info_reads_this_machine():
 @pytest.mark.teacher
 def test_vllm_backend_passes_the_shared_choice_never_auto(machine, monkeypatch):
     """Fails if the vLLM backend hands `auto` to vLLM (which picks float16 on a CPU) instead of the
-    shared decision. vLLM itself is faked: only the dtype it is given matters here."""
+    shared decision. vLLM itself is faked: only the dtype its engines would be given matters here."""
     pytest.importorskip("transformers")
+    from pipeline.teacher import vllm_backend
     from pipeline.teacher.convert import resolve_teacher
+    from pipeline.teacher.vllm_engine import engine_kwargs
 
-    seen = {}
-
-    class FakeLLM:
-        def __init__(self, model, **kw):
-            seen.update(kw)
-            cfg = types.SimpleNamespace(dtype=getattr(torch, kw["dtype"]))
-            self.llm_engine = types.SimpleNamespace(model_config=cfg)
-
-    vllm = types.ModuleType("vllm")
-    vllm.LLM = FakeLLM
     config = types.ModuleType("vllm.config")
     config.PoolerConfig = lambda **kw: kw
-    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
     monkeypatch.setitem(sys.modules, "vllm.config", config)
+    monkeypatch.setattr(vllm_backend, "prepare_environment", lambda settings: {})  # leave os.environ alone
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    from pipeline.teacher.vllm_backend import VLLMConfig, VLLMTeacher
-
     location = resolve_teacher("embedded").location
     for info, expected in ((EPYC, "bfloat16"), (OLD_XEON, "float32")):
         machine["use"](info)
-        teacher = VLLMTeacher(VLLMConfig(location, dtype="auto"))
-        assert seen["dtype"] == expected and teacher.dtype_name == expected
+        teacher = vllm_backend.VLLMTeacher(vllm_backend.VLLMConfig(location, dtype="auto"))
+        for kind in ("pool", "generate"):
+            assert engine_kwargs(teacher.engines.settings, kind, 512)["dtype"] == expected
+        assert teacher.dtype_name == expected
     with pytest.raises(UsageError, match="float16 on a CPU"):
-        VLLMTeacher(VLLMConfig(location, dtype="float16"))
+        vllm_backend.VLLMTeacher(vllm_backend.VLLMConfig(location, dtype="float16"))
