@@ -14,7 +14,11 @@ the targeted trials, the moment its report or its temporary weights file appears
 - the rerun (same command, not interrupted) exits 0, and its checkpoint and metrics equal the
   reference run's, byte for byte.
 
-Writes benchmarks/results/campaign_student_kill.{json,md}; exit 1 if any check fails.
+Writes benchmarks/results/campaign_student_kill.{json,md}; exit 1 if any check fails. In a working
+tree that others edit, run it on a snapshot so that the code cannot change under it:
+
+    git archive HEAD | tar -x -C /tmp/snap
+    PYTHONPATH=/tmp/snap .venv/bin/python /tmp/snap/benchmarks/campaign_student_kill.py --out benchmarks/results/campaign_student_kill
 """
 
 from __future__ import annotations
@@ -87,11 +91,24 @@ def command(env: dict, mode: str, out: Path, epochs: int, seed: int = 2020) -> l
 
 
 def fingerprint(out: Path) -> dict | None:
-    """What identifies a complete checkpoint: the marker (sha256 of weights and config) and the metrics."""
+    """What identifies a finished run: sha256 of the marker, the checkpoint, its report and the metrics."""
+    from pipeline.store import sha256_file
+
     if not (out / COMPLETE).is_file():
         return None
-    metrics = out.parent / f"{out.name}.json"
-    return {"marker": (out / COMPLETE).read_text(), "metrics": metrics.read_text() if metrics.is_file() else None}
+    files = {n: out / n for n in ("COMPLETE", "config.json", WEIGHTS, "history.json", "ranks.parquet")}
+    files["metrics"] = out.parent / f"{out.name}.json"
+    return {"marker": (out / COMPLETE).read_text(), **{k: sha256_file(p) if p.is_file() else None for k, p in files.items()}}
+
+
+def code_hash() -> str:
+    """sha256 over the code the installed command runs (editable install): a change mid-campaign shows."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted([*REPO.glob("pipeline/**/*.py"), *REPO.glob("stages/*.py")]):
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def reference(env: dict, mode: str, epochs: int, repeats: int = 2) -> dict:
@@ -108,7 +125,8 @@ def reference(env: dict, mode: str, epochs: int, repeats: int = 2) -> dict:
     stale = env["root"] / f"stale-{mode}"
     if _run(command(env, mode, stale, 2, seed=7)).returncode:
         raise SystemExit(f"stale {mode} run failed")
-    return {"seconds": secs, "deterministic": all(p == prints[0] for p in prints), "print": prints[0],
+    differ = sorted({k for p in prints[1:] for k in (p or {}) if (p or {}).get(k) != (prints[0] or {}).get(k)})
+    return {"seconds": secs, "deterministic": all(p == prints[0] for p in prints), "differ": differ, "print": prints[0],
             "stale": stale, "stale_print": fingerprint(stale)}
 
 
@@ -188,12 +206,16 @@ def plan(n: int, seed: int) -> list[tuple[str, float | str]]:
 
 
 def campaign(root: Path, trials: list[tuple[str, float | str]], epochs: int, repeats: int = 2) -> dict:
+    code_before = code_hash()
     env = setup(root)
     refs = {m: reference(env, m, epochs, repeats) for m in dict.fromkeys(mode for mode, _ in trials)}
     rows = [trial(env, i, mode, refs[mode], epochs, when) for i, (mode, when) in enumerate(trials)]
     return {"epochs": epochs, "kills": len(trials),
             "reference_seconds": {m: [round(s, 2) for s in r["seconds"]] for m, r in refs.items()},
             "deterministic": {m: r["deterministic"] for m, r in refs.items()},
+            "reference_files_that_differ": {m: r["differ"] for m, r in refs.items()},
+            "code_hash": {"start": code_before, "end": code_hash()},
+            "code_dir": str(Path(sys.modules["pipeline"].__file__).parent.parent),
             "trials": rows, "all_ok": all(r["ok"] for r in rows) and all(r["deterministic"] for r in refs.values())}
 
 
@@ -224,6 +246,7 @@ def main() -> None:
     md = table(result)
     args.out.with_suffix(".md").write_text(md)
     print(md)
+    print(f"code {result['code_hash']}, reference files that differ {result['reference_files_that_differ']}")
     print(f"reference seconds {result['reference_seconds']}, deterministic {result['deterministic']}, "
           f"all ok: {result['all_ok']}, wall {result['wall_seconds']} s")
     sys.exit(0 if result["all_ok"] else 1)
