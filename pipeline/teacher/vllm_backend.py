@@ -27,7 +27,8 @@ import torch
 from pipeline.errors import UsageError
 from pipeline.teacher.dtype_choice import choose_dtype
 from pipeline.teacher.head import CheckpointHead, identifier_scores, text_config
-from pipeline.teacher.vllm_engine import Engines, EngineSettings, Ticker, prepare_environment, resolve_local
+from pipeline.teacher.vllm_engine import (Engines, EngineSettings, Ticker, engine_kwargs, prepare_environment,
+                                         resolve_local)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class VLLMTeacher:
         settings = EngineSettings(location, self.dtype_choice.name, on_gpu, cfg.batch_size, cfg.threads,
                                   cfg.tensor_parallel_size, cfg.gpu_memory_utilization, cfg.prefix_caching,
                                   cfg.enforce_eager, cfg.trust_remote_code)
+        engine_kwargs(settings, "generate", 1)  # refuses GPU-only settings on a CPU now, not at the first shard
         self.environment = prepare_environment(settings)
         try:
             import vllm  # noqa: F401  (after prepare_environment: vLLM reads its log level at import)
@@ -104,9 +106,10 @@ class VLLMTeacher:
         texts, first, cut, logprobs = gen
         top = np.asarray(ident_ids)[scores.argmax(axis=1)]
         agrees = first == top
-        if not agrees.all():
-            log.warning("%d of %d rows: the generated first token is not the pooling state's top identifier "
-                        "(the engines' numerics differ there)", int((~agrees).sum()), len(prompts))
+        split = np.isin(first, ident_ids) & ~agrees  # rows not led by an identifier are no_decision anyway
+        if split.any():
+            log.warning("%d of %d rows: the generated first identifier is not the pooling state's top identifier "
+                        "(the two engines' numerics differ there)", int(split.sum()), len(prompts))
         return SimpleNamespace(h_dec=h, scores=scores, generated=texts, first_ids=first, hit_budget=cut,
                                decision_agrees=agrees, first_step_logprobs=logprobs)
 

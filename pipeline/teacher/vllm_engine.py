@@ -69,6 +69,22 @@ def resolve_local(location: str) -> str:
                          f"({type(e).__name__})") from None
 
 
+def auto_backend(cuda: bool | None = None, vllm_installed: bool | None = None) -> str:
+    """`--backend auto`: vLLM on a CUDA machine where it is installed, HF otherwise.
+
+    On the CPU vLLM is no faster than a well-batched HF pass (docs/VLLM.md, DESIGN.md point 9) and
+    costs an engine start; on a GPU its batching is what makes a large teacher affordable."""
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if vllm_installed is None:
+        import importlib.util
+
+        vllm_installed = importlib.util.find_spec("vllm") is not None
+    return "vllm" if cuda and vllm_installed else "hf"
+
+
 def allowed_cpus() -> list[int]:
     try:
         return sorted(os.sched_getaffinity(0))
