@@ -31,15 +31,21 @@ ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "build" / "mutate"
 SCORES = WORK / "scores.json"
 
-# module -> (file mutated, test files run against it). The tests are the ones that exercise the module
+# module -> (file(s) mutated, space-separated; test files run against them). The store's five files share
+# one run (one stats pass) and are scored file by file. The tests are the ones that exercise the module
 # directly; end-to-end tests through a subprocess cannot see an in-process mutant, so they are left out.
+_STORE_TESTS = ["tests/test_store.py", "tests/test_store_corruption.py", "tests/test_mut_store.py"]
 MODULES: dict[str, tuple[str, list[str]]] = {
     "metrics": ("pipeline/metrics.py", ["tests/test_metrics.py", "tests/test_mut_metrics.py"]),
     "stats": ("pipeline/stats.py", ["tests/test_stats.py", "tests/test_mut_stats.py"]),
-    "losses_distill": ("pipeline/losses_distill.py", ["tests/test_distill.py", "tests/test_mut_losses.py"]),
-    "distill": ("pipeline/distill.py", ["tests/test_distill.py", "tests/test_mut_distill.py"]),
-    "store": ("pipeline/store.py", ["tests/test_store.py", "tests/test_mut_store.py"]),
-    "store_check": ("pipeline/store_check.py", ["tests/test_store.py", "tests/test_mut_store.py"]),
+    "losses_distill": ("pipeline/losses_distill.py",
+                       ["tests/test_distill.py", "tests/test_distill_targets.py", "tests/test_mut_losses.py"]),
+    "distill": ("pipeline/distill.py",
+                ["tests/test_distill.py", "tests/test_distill_targets.py", "tests/test_mut_distill.py"]),
+    # The store: writer, format, reader, verify, merge. test_store_faults kills subprocesses, which
+    # import the unmutated copy, so it cannot catch a mutant and is left out.
+    "store": ("pipeline/store.py pipeline/store_format.py pipeline/store_read.py pipeline/store_check.py "
+              "pipeline/store_merge.py", _STORE_TESTS),
     "prompt": ("pipeline/teacher/prompt.py", ["tests/test_teacher_prompt.py", "tests/test_mut_prompt.py"]),
     "parse": ("pipeline/teacher/parse.py", ["tests/test_teacher_parse.py", "tests/test_mut_parse.py"]),
     "identifiers": ("pipeline/teacher/identifiers.py",
@@ -79,7 +85,7 @@ def _populate(dest: Path, source: str) -> str:
     return "worktree"
 
 
-def _configure(dest: Path, target: str, tests: list[str]) -> list[str]:
+def _configure(dest: Path, targets: list[str], tests: list[str]) -> list[str]:
     """Narrow pyproject's [tool.mutmut] to one file and its tests (those that exist in this copy)."""
     present = [t for t in tests if (dest / t.split("::")[0]).exists()]
     text = (dest / "pyproject.toml").read_text()
@@ -89,7 +95,7 @@ def _configure(dest: Path, target: str, tests: list[str]) -> list[str]:
         'source_paths = ["pipeline"]\n'
         'also_copy = ["stages"]\n'
         'process_isolation = "forkserver"\n'
-        f"only_mutate = {json.dumps([target])}\n"
+        f"only_mutate = {json.dumps(targets)}\n"
         'pytest_add_cli_args = ["-m", "not teacher and not slow", "-p", "no:cacheprovider", "--hypothesis-seed=0"]\n'
         f"pytest_add_cli_args_test_selection = {json.dumps(present)}\n"
     )
@@ -113,13 +119,13 @@ def _count(meta: Path) -> dict[str, object]:
     }
 
 
-def run_module(name: str, source: str, max_children: int) -> dict[str, object]:
-    target, tests = MODULES[name]
+def run_module(name: str, source: str, max_children: int) -> list[dict[str, object]]:
+    targets, tests = MODULES[name][0].split(), MODULES[name][1]
     dest = WORK / name
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     origin = _populate(dest, source)
-    present = _configure(dest, target, tests)
+    present = _configure(dest, targets, tests)
     mutmut = Path(sys.executable).with_name("mutmut")
     env = dict(os.environ, GEDISTILL_NO_PROGRESS="1", PYTHONDONTWRITEBYTECODE="1")
     t0 = time.monotonic()
@@ -127,18 +133,22 @@ def run_module(name: str, source: str, max_children: int) -> dict[str, object]:
                           capture_output=True, text=True)
     elapsed = time.monotonic() - t0
     (dest / "mutmut-run.log").write_text(proc.stdout + proc.stderr)
-    meta = dest / "mutants" / (target + ".meta")
-    if proc.returncode != 0 or not meta.exists():
+    metas = [dest / "mutants" / (t + ".meta") for t in targets]
+    if proc.returncode != 0 or not all(m.exists() for m in metas):
         tail = (proc.stdout + proc.stderr)[-3000:]
         raise SystemExit(f"mutmut failed on {name} (exit {proc.returncode}); log {dest}/mutmut-run.log\n{tail}")
-    result = _count(meta)
+    results = []
     # The diff of each mutant that no test caught, to read next to docs/MUTATION.md's equivalence notes.
     with open(dest / "survivors.diff", "w") as out:
-        for key in result["survived"] + result["no_tests"]:
-            shown = subprocess.run([str(mutmut), "show", key], cwd=dest, env=env, capture_output=True, text=True)
-            out.write(shown.stdout + "\n")
-    result.update(module=name, file=target, tests=present, source=origin, seconds=round(elapsed))
-    return result
+        for target, meta in zip(targets, metas):
+            result = _count(meta)
+            for key in result["survived"] + result["no_tests"]:
+                shown = subprocess.run([str(mutmut), "show", key], cwd=dest, env=env, capture_output=True, text=True)
+                out.write(shown.stdout + "\n")
+            label = name if len(targets) == 1 else Path(target).stem
+            result.update(module=label, file=target, tests=present, source=origin, seconds=round(elapsed))
+            results.append(result)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,14 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     WORK.mkdir(parents=True, exist_ok=True)
     scores = json.loads(SCORES.read_text()) if SCORES.exists() else {}
     for name in args.modules or list(MODULES):
-        r = run_module(name, args.source, args.max_children)
-        scores[name] = r
-        SCORES.write_text(json.dumps(scores, indent=1, sort_keys=True))
-        print(f"{name:15s} {r['score']}%  killed {r['killed']} + timeout {r['timeout']} of {r['total']}; "
-              f"survived {len(r['survived'])}, no tests {len(r['no_tests'])}  [{r['source']}, {r['seconds']} s]",
-              flush=True)
-        for k in r["survived"] + r["no_tests"]:
-            print(f"    {'survived' if k in r['survived'] else 'no tests'}: {k}")
+        for r in run_module(name, args.source, args.max_children):
+            scores[r["module"]] = r
+            SCORES.write_text(json.dumps(scores, indent=1, sort_keys=True))
+            print(f"{r['module']:15s} {r['score']}%  killed {r['killed']} + timeout {r['timeout']} of {r['total']}; "
+                  f"survived {len(r['survived'])}, no tests {len(r['no_tests'])}  [{r['source']}, {r['seconds']} s]",
+                  flush=True)
+            for k in r["survived"] + r["no_tests"]:
+                print(f"    {'survived' if k in r['survived'] else 'no tests'}: {k}")
     return 0
 
 
