@@ -89,8 +89,10 @@ def teacher_tune(
         def progress(state, total: int) -> None:
             elapsed = bar.tasks[task].elapsed or 1e-9
             recent = state.losses[-20:]
-            bar.update(task, completed=state.seen, total=total,
-                       info=f"loss {sum(recent) / len(recent):.3f}  {state.seen / elapsed:.2f} samples/s")
+            info = f"loss {sum(recent) / len(recent):.3f}  {state.seen / elapsed:.2f} samples/s"
+            bar.update(task, completed=state.seen, total=total, info=info)
+            if not show and state.step % 10 == 0:  # logs to a file still show progress
+                log.info("step %d: %d/%d samples, %s", state.step, state.seen, total, info)
 
         result = run_tune(cfg, prepared, student, out, progress=progress)
     _print(result, out)
