@@ -50,6 +50,14 @@ def main(argv: list[str] | None = None) -> None:
     except ClickException as e:  # bad option values, missing files: usage errors
         e.show()
         sys.exit(2)
+    except OSError as e:
+        # A full disk, a read-only folder, a directory where a file belongs: the user can fix these,
+        # and a traceback would hide the one line that says which path. -v logs the traceback.
+        logging.getLogger(__name__).debug("OS error", exc_info=True)
+        where = f": {e.filename}" if e.filename else ""
+        typer.echo(f"error: {e.strerror or e}{where}; check that the path is right, writable and has free space",
+                   err=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted; completed outputs are kept, rerun to continue", err=True)
         sys.exit(130)

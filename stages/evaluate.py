@@ -28,7 +28,7 @@ from pipeline.stats import PairedDiff, paired_bootstrap
 from pipeline.store import iter_batches, open_store
 from pipeline.teacher_quality import TeacherQuality
 from pipeline.train import rank_targets, split_inputs
-from stages.train_student import ensure_writable
+from stages.train_student import ensure_writable, write_text_atomic, writing
 
 log = logging.getLogger(__name__)
 
@@ -165,14 +165,16 @@ def evaluate(
     }
     if teacher is not None:
         out["teacher"] = teacher
-    metrics.parent.mkdir(parents=True, exist_ok=True)
-    metrics.write_text(json.dumps(out, indent=2) + "\n")
     notes = {n: _describe(m) for n, m in (("baseline", meta_b), ("distilled", meta_d))}
-    pngs = [plot_training({"baseline": _history(baseline), "distilled": _history(distilled)}, plots / "training.png", notes),
-            plot_comparison(diffs, plots / "comparison.png")]
-    if teacher is not None:
-        shares = {n: np.array(teacher[n]["rank_share"]) for n in ("teacher", "teacher_calibrated", *names)}
-        pngs.append(plot_teacher(np.array(teacher["top1_position_counts"]), shares, plots / "teacher.png"))
+    with writing(plots):
+        pngs = [plot_training({"baseline": _history(baseline), "distilled": _history(distilled)},
+                              plots / "training.png", notes),
+                plot_comparison(diffs, plots / "comparison.png")]
+        if teacher is not None:
+            shares = {n: np.array(teacher[n]["rank_share"]) for n in ("teacher", "teacher_calibrated", *names)}
+            pngs.append(plot_teacher(np.array(teacher["top1_position_counts"]), shares, plots / "teacher.png"))
+    with writing(metrics):  # last, whole or absent: its presence means the evaluation finished
+        write_text_atomic(metrics, json.dumps(out, indent=2) + "\n")
     _print(diffs, names, teacher, masked)
     Console().print(f"[bold]{out['summary']}[/bold]")
     log.info("wrote %s and %s", metrics, ", ".join(str(p) for p in pngs))

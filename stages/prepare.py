@@ -10,9 +10,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.errors import UsageError
 from pipeline.prepare import PrepareConfig, build_sequences
 from pipeline.prepared import write_prepared
 from pipeline.sources import Columns, embedded_items_frame, embedded_ml100k, read_interactions, read_items
+from stages.train_student import ensure_writable, writing
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,12 @@ def prepare(
     time_order: Annotated[str, typer.Option(help="exact: timestamps as given; recbole: RecBole's float32-rescaled timestamps (its exact targets).")] = "exact",
 ) -> None:
     """Read interactions and item text, order each user's history in time, split leave-one-out."""
+    for flag, path in (("--interactions", interactions), ("--items", items)):
+        if path is not None and path.is_dir():
+            raise UsageError(f"{flag} {path} is a directory; pass the {flag[2:]} file itself (CSV or Parquet)")
+    if time_order not in ("exact", "recbole"):
+        raise typer.BadParameter(f"--time-order must be exact or recbole, not {time_order!r}")
+    ensure_writable(out)  # before reading: a wrong --out is reported at once, not after the work
     cols = Columns(user=user_col, item=item_col, time=time_col, item_key=item_key_col, title=title_col,
                    text=tuple(text_col or ()))
     if interactions is None:
@@ -47,17 +55,16 @@ def prepare(
         inter = read_interactions(interactions, cols)
         item_text = read_items(items, cols) if items is not None else None
         source = {"dataset": interactions.stem, "interactions_file": str(interactions)}
-    if time_order not in ("exact", "recbole"):
-        raise typer.BadParameter(f"--time-order must be exact or recbole, not {time_order!r}")
     cfg = PrepareConfig(kcore=kcore, min_user_interactions=min_user_interactions, drop_duplicates=drop_duplicates,
                         time_order=time_order)  # type: ignore[arg-type]
     seqs, items_df, report = build_sequences(inter, item_text, cfg, source=str(inter_path))
     for w in report.warnings:
         log.warning(w)
-    summary = write_prepared(out, seqs, items_df, {
-        **source, "input_interactions": report.input_interactions, "filtered": report.filtered,
-        "warnings": report.warnings, "config": cfg.__dict__,
-    })
+    with writing(out):
+        summary = write_prepared(out, seqs, items_df, {
+            **source, "input_interactions": report.input_interactions, "filtered": report.filtered,
+            "warnings": report.warnings, "config": cfg.__dict__,
+        })
     table = Table(title=f"prepared -> {out}")
     table.add_column("what")
     table.add_column("value", justify="right")

@@ -14,7 +14,7 @@ from pipeline.checkpoint import load_student
 from pipeline.errors import UsageError
 from pipeline.prepared import load_prepared
 from pipeline.store import sha256_file
-from stages.train_student import set_threads
+from stages.train_student import ensure_writable, set_threads, writing
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,11 @@ def retrieve(
     threads: Annotated[int, typer.Option(min=0, help="torch threads; 0 = torch's default.")] = 0,
 ) -> None:
     """Pick teacher samples (training prefixes) and retrieve K unseen candidates for each with the baseline."""
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory; give the candidates file's path, e.g. {out / 'candidates.parquet'}")
     set_threads(threads)
     data = load_prepared(prepared)
+    ensure_writable(out.parent)
     model, meta = load_student(student)
     if meta.get("prepared_fingerprint") != data.fingerprint:
         raise UsageError(f"{student} was trained on other prepared data than {prepared}; "
@@ -42,11 +45,13 @@ def retrieve(
     targets = np.array([data.train[u][p] for u, p in zip(users, positions)], dtype=np.int32)
     cands, scores = top_k(model, histories, k)
     recall = float((cands == targets[:, None]).any(1).mean())
-    fp = write_candidates(out, users, positions, targets, cands, scores, {
+    meta = {
         "prepared_fingerprint": data.fingerprint, "retriever": str(student),
         "retriever_sha256": sha256_file(student / "model.safetensors"),
         "selection": ("all" if per_user is None else f"last {per_user} per user")
         + (f", skipping the last {skip_last}" if skip_last else ""),
-    })
+    }
+    with writing(out):
+        fp = write_candidates(out, users, positions, targets, cands, scores, meta)
     typer.echo(f"{len(users):,} samples, K={k}, target among candidates for {recall:.1%}; wrote {out} "
                f"(fingerprint {fp[:16]})")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -16,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.checkpoint import CONFIG, save_student
+from pipeline.checkpoint import invalidate, save_student
 from pipeline.distill import DistillConfig, DistillObjective, init_from_baseline, open_teacher_store
 from pipeline.errors import UsageError
 from pipeline.metrics import DEFAULT_METRICS, summarize
@@ -48,6 +50,26 @@ def ensure_writable(*paths: Path) -> None:
             raise UsageError(f"{probe} is a file, but {folder} must be a folder; choose another output path")
         if not os.access(probe, os.W_OK | os.X_OK):
             raise UsageError(f"cannot write to {probe} (read-only or no permission); choose a writable output path")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """A file either whole or absent: a full disk never leaves a truncated metrics file that looks done."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def writing(what: Path) -> Iterator[None]:
+    """Turn a failed write of our own outputs (polars wraps the OS error in its own) into a usage error."""
+    try:
+        yield
+    except (OSError, pl.exceptions.PolarsError) as e:
+        raise UsageError(f"could not write {what} ({e}); free some space or choose another output path") from e
 
 
 def timing_path(metrics_path: Path) -> Path:
@@ -95,8 +117,7 @@ def final_report(model: SASRec, prepared: Prepared, out: Path, run_name: str, me
     timings = [{"epoch": row["epoch"], **{k: row[k] for k in TIMING_FIELDS if k in row}} for row in result.history]
     (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
     (out / "settings.json").write_text(json.dumps(settings, indent=2, default=str) + "\n")
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    timing_path(metrics_path).write_text(json.dumps({"run": run_name, "epochs": timings}, indent=1) + "\n")
+    write_text_atomic(timing_path(metrics_path), json.dumps({"run": run_name, "epochs": timings}, indent=1) + "\n")
 
     table = Table(title=f"{run_name}: full ranking over {prepared.n_items:,} items, {prepared.n_users:,} users")
     table.add_column("split")
@@ -210,13 +231,15 @@ def student_train(
     log.info("training %s on %d users, %d items (threads=%d)", run, data.n_users, data.n_items, torch.get_num_threads())
     result = fit(model, data, tcfg, objective=objective, show_progress=os.environ.get("GEDISTILL_NO_PROGRESS") is None)
     out.mkdir(parents=True, exist_ok=True)
-    # An older checkpoint in `out` stops being loadable before its files are replaced, so a write that
-    # fails half-way never leaves old weights beside new ranks; the metrics file comes last.
-    (out / CONFIG).unlink(missing_ok=True)
+    # An older checkpoint in `out` stops being loadable before any of its files is replaced, so a write
+    # that fails half-way never leaves old weights beside new ranks; the metrics file comes last.
+    invalidate(out)
     distill_meta = {"distill": asdict(dcfg), "teacher_cache": [str(p) for p in stores_in]} if dcfg else {}
-    report = final_report(model, data, out, run, metrics_path, result,
-                          {"sasrec": asdict(cfg), "train": asdict(tcfg), **distill_meta})
-    save_student(out, model, {"run": run, "prepared_fingerprint": data.fingerprint, "train": asdict(tcfg),
-                              "best_epoch": result.best_epoch, **distill_meta},
-                 extra_tensors={f"projector.{k}": v for k, v in objective.projector.state_dict().items()} if objective else None)
-    metrics_path.write_text(json.dumps(report, indent=2) + "\n")
+    with writing(out):
+        report = final_report(model, data, out, run, metrics_path, result,
+                              {"sasrec": asdict(cfg), "train": asdict(tcfg), **distill_meta})
+        save_student(out, model, {"run": run, "prepared_fingerprint": data.fingerprint, "train": asdict(tcfg),
+                                  "best_epoch": result.best_epoch, **distill_meta},
+                     extra_tensors={f"projector.{k}": v for k, v in objective.projector.state_dict().items()} if objective else None)
+    with writing(metrics_path):
+        write_text_atomic(metrics_path, json.dumps(report, indent=2) + "\n")
