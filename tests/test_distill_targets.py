@@ -229,7 +229,7 @@ def test_lambda_emb_weights_the_embedding_loss(tmp_path, world_prep):
     for lam in (0.0, 2.5):
         obj = _objective(tmp_path / str(lam), world, prepared, rows, lambda_emb=lam)
         loss, logs = obj.loss(_model(world["n_items"]), 0)
-        out[lam] = (float(loss), logs["l_emb"], logs["l_rank"])
+        out[lam] = (float(loss.detach()), logs["l_emb"], logs["l_rank"])
     assert out[0.0][1] == pytest.approx(out[2.5][1]) and out[0.0][1] > 0
     assert out[0.0][0] == pytest.approx(out[0.0][2])
     assert out[2.5][0] == pytest.approx(out[2.5][2] + 2.5 * out[2.5][1], rel=1e-6)
