@@ -153,7 +153,8 @@ def kill(args: argparse.Namespace) -> dict:
     reference = _store_rows(ref)
     print(f"reference: {reference.height} rows in {ref_seconds:.1f} s", flush=True)
     rng = random.Random(args.seed)
-    moments = [("fault", f"{p}:2") for p in args.points or POINTS] + [
+    points = POINTS if args.points is None else [p for p in args.points if p != "none"]
+    moments = [("fault", f"{p}:2") for p in points] + [
         ("random", round(rng.uniform(2.0, ref_seconds), 1)) for _ in range(args.random)]
     results = []
     for j, (how, what) in enumerate(moments):
@@ -241,7 +242,7 @@ def main() -> None:
     ap.add_argument("--random", type=int, default=3, help="kill: random-time kills besides the fault points")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=1, help="corruption: commands run at once")
-    ap.add_argument("--points", nargs="*", help="kill: only these fault points (default: all)")
+    ap.add_argument("--points", nargs="*", help="kill: only these fault points (default: all; `none`: random kills only)")
     ap.add_argument("--kinds", nargs="*", help="corruption: only the kinds whose name contains one of these")
     args = ap.parse_args()
     t0 = time.perf_counter()
