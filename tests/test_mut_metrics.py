@@ -132,3 +132,10 @@ def test_masked_ranks_mask_the_whole_history_and_keep_the_target_score():
     # row 0: 1..10 masked, only 12 remains and it scores lower -> rank 0; row 1: target seen -> last
     assert ranks.tolist() == [0, n]
     assert scores[0, 11].item() == pytest.approx(1 - 11 / 12)
+
+
+def test_one_diverged_user_is_counted_once():
+    """Fails if a +inf in one user's row is counted against every user (the check must be per row)."""
+    scores = torch.tensor([[NEG, 0.1, 0.2], [NEG, float("inf"), 0.2], [NEG, 0.3, 0.1]])
+    with pytest.raises(NonFiniteScores, match=r"^non-finite scores for 1 of 3 users \(first: row 1, "):
+        check_scores(scores, torch.tensor([1, 2, 1]))
