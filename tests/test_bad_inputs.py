@@ -250,6 +250,7 @@ def run_case(case: Case, root: Path, timeout: float = 300) -> dict:
     lines = [ln.strip(" │╭╰─") for ln in r.stderr.splitlines()]
     # the message: our `error: ...` or click's `Error: ...` line (log lines may come first)
     first = next((ln for ln in lines if ln.lower().startswith("error")), next((ln for ln in lines if ln), ""))
+    first = first.replace(str(root), "W")
     left = [p for p in case.leaves if (root / p).exists()]
     return {"case": case.name, "command": command, "exit": r.returncode, "message": first, "traceback": "Traceback" in r.stderr,
             "says": case.message in err, "left_behind": left}
