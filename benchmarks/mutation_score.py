@@ -107,6 +107,12 @@ def _configure(dest: Path, targets: list[str], tests: list[str]) -> list[str]:
     return present
 
 
+def _blobs(dest: Path, files: list[str]) -> dict[str, str]:
+    """git blob id of each file as mutated/tested, to tell later whether a commit still has that code."""
+    out = subprocess.run(["git", "hash-object", *files], cwd=dest, check=True, capture_output=True, text=True)
+    return dict(zip(files, out.stdout.split()))
+
+
 def _count(meta: Path) -> dict[str, object]:
     codes = json.loads(meta.read_text())["exit_code_by_key"]
     killed = sorted(k for k, c in codes.items() if c in KILLED)
@@ -150,9 +156,25 @@ def run_module(name: str, source: str, max_children: int) -> list[dict[str, obje
                 shown = subprocess.run([str(mutmut), "show", key], cwd=dest, env=env, capture_output=True, text=True)
                 out.write(shown.stdout + "\n")
             label = name if len(targets) == 1 else Path(target).stem
-            result.update(module=label, file=target, tests=present, source=origin, seconds=round(elapsed))
+            result.update(module=label, file=target, tests=present, source=origin, seconds=round(elapsed),
+                          blobs=_blobs(dest, [target] + [t.split("::")[0] for t in present if not t.startswith("-")]))
             results.append(result)
     return results
+
+
+def _report_stale() -> int:
+    scores = json.loads(SCORES.read_text()) if SCORES.exists() else {}
+    stale = 0
+    for label, r in sorted(scores.items()):
+        changed = []
+        for path, blob in r.get("blobs", {}).items():
+            head = subprocess.run(["git", "rev-parse", f"HEAD:{path}"], cwd=ROOT, capture_output=True, text=True)
+            if head.returncode or head.stdout.strip() != blob:
+                changed.append(path)
+        if changed or "blobs" not in r:
+            stale += 1
+        print(f"{label:15s} {'stale: ' + ', '.join(changed) if changed else 'no blobs recorded' if 'blobs' not in r else 'same code as HEAD'}")
+    return 1 if stale else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,7 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--source", choices=["head", "worktree"], default="head")
     ap.add_argument("--max-children", type=int, default=1)
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--stale", action="store_true",
+                    help="name the modules whose recorded score was measured on other code than HEAD's")
     args = ap.parse_args(argv)
+    if args.stale:
+        return _report_stale()
     if args.list:
         for name, (target, tests) in MODULES.items():
             print(f"{name:15s} {target:32s} {' '.join(tests)}")
