@@ -1,0 +1,122 @@
+"""The distillation objective's checks, where mutation testing found the suite blind
+(docs/MUTATION.md): config bounds and messages, the row-against-training check that stops leakage,
+and the per-position mean scores of --calibrate, on hand-made Parquet files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.distill import DistillConfig, check_rows_against_training, position_mean_scores
+from pipeline.errors import UsageError
+
+TRAIN = [np.array([5, 6, 7, 8]), np.array([9, 10, 11])]
+PREPARED = SimpleNamespace(train=TRAIN)
+
+
+def _rows_file(path: Path, rows: list[tuple[int, int, int, int]]) -> Path:
+    sid, u, p, t = (list(c) for c in zip(*rows))
+    pq.write_table(pa.table({"sample_id": pa.array(sid, pa.int64()), "user_idx": pa.array(u, pa.int32()),
+                             "position": pa.array(p, pa.int32()), "target": pa.array(t, pa.int32())}), path)
+    return path
+
+
+def test_rows_that_are_training_prefixes_pass(tmp_path: Path):
+    """Fails if a valid row (position 1..len-1, target = train[u][p]) is refused."""
+    check_rows_against_training([_rows_file(tmp_path / "a.parquet", [(0, 0, 1, 6), (1, 0, 3, 8), (2, 1, 2, 11)])],
+                                PREPARED)
+
+
+@pytest.mark.parametrize("row, why", [
+    ((7, 0, 4, 99), "position 4 is not before the end of user 0's training sequence (length 4): its target or "
+                    "history would include the validation item (leakage)"),
+    ((7, 1, 5, 99), "position 5 is not before the end of user 1's training sequence (length 3): its target or "
+                    "history would include the validation item (leakage)"),
+    ((7, 2, 1, 6), "(user_idx 2, position 1, target 6) is not an item of the training sequences"),
+    ((7, -1, 1, 6), "(user_idx -1, position 1, target 6) is not an item of the training sequences"),
+    ((7, 0, -1, 8), "(user_idx 0, position -1, target 8) is not an item of the training sequences"),
+    ((7, 0, 2, 6), "(user_idx 0, position 2, target 6) is not an item of the training sequences"),
+])
+def test_a_row_outside_the_training_prefixes_is_refused_by_name(tmp_path: Path, row, why):
+    """Fails if a row at or past the end of the training sequence (leakage), of an unknown user, at a
+    negative position or with the wrong target passes, or if the message stops naming the shard, the
+    sample and the reason."""
+    path = _rows_file(tmp_path / "s.parquet", [(0, 0, 1, 6), row, (9, 1, 1, 10)])
+    with pytest.raises(UsageError) as e:
+        check_rows_against_training([_rows_file(tmp_path / "ok.parquet", [(0, 0, 1, 6)]), path], PREPARED)
+    assert str(e.value) == (f"{path}: teacher sample 7 {why}. The store was made from other prepared data or by a "
+                            "broken sampler; rerun `gedistill retrieve` and `gedistill teacher-dump` on this data")
+
+
+def test_the_first_bad_row_is_named(tmp_path: Path):
+    """Fails if the message names a later bad row than the first."""
+    path = _rows_file(tmp_path / "s.parquet", [(0, 0, 1, 6), (3, 0, 2, 5), (4, 0, 9, 5)])
+    with pytest.raises(UsageError, match="teacher sample 3 "):
+        check_rows_against_training([path], PREPARED)
+
+
+def _scores_file(path: Path, scores: list[list[float]], status: list[str]) -> Path:
+    pq.write_table(pa.table({"scores": pa.array(scores, pa.list_(pa.float32())), "status": status}), path)
+    return path
+
+
+def test_position_means_skip_failed_rows_across_shards(tmp_path: Path):
+    """Fails if failed rows are averaged in, a shard is skipped, or the mean is not per position shown."""
+    a = _scores_file(tmp_path / "a.parquet", [[1.0, 2.0, 3.0], [100.0, 100.0, 100.0]], ["ok", "failed"])
+    b = _scores_file(tmp_path / "b.parquet", [[3.0, 0.0, -1.0], [2.0, 1.0, 1.0]], ["repaired", "ok"])
+    means = position_mean_scores([a, b])
+    assert means.dtype == np.float32
+    np.testing.assert_allclose(means, [2.0, 1.0, 1.0])
+
+
+def test_position_means_need_a_usable_row(tmp_path: Path):
+    """Fails if a store whose rows all failed gives NaN means instead of a message."""
+    a = _scores_file(tmp_path / "a.parquet", [[1.0, 2.0]], ["failed"])
+    with pytest.raises(UsageError, match=r"^--calibrate needs identifier scores, and the store has no usable rows$"):
+        position_mean_scores([a])
+
+
+def test_config_defaults():
+    """Fails if a default of the objective changes silently (params.yaml and the README rely on them)."""
+    c = DistillConfig()
+    assert (c.w_rank, c.lambda_emb, c.emb_loss, c.target, c.temperature) == (1.0, 1.0, "cosine", "ranking", 1.0)
+    assert (c.gamma_position, c.gamma_confidence, c.gamma_agreement, c.position_beta, c.agreement_k) == (0, 0, 0, 5.0, 5)
+    assert (c.teacher_batch_size, c.buffer_rows, c.skip_failed, c.calibrate, c.init, c.seed) == (
+        32, 4096, True, False, "scratch", 0)
+
+
+@pytest.mark.parametrize("kw", [dict(w_rank=0.0), dict(lambda_emb=0.0), dict(emb_loss="mse"),
+                                dict(emb_loss="standardized"), dict(target="scores"), dict(init="baseline"),
+                                dict(gamma_position=0.5, gamma_confidence=0.25, gamma_agreement=0.25),
+                                dict(teacher_batch_size=2, buffer_rows=2), dict(temperature=0.01)])
+def test_config_accepts_its_bounds(kw):
+    """Fails if a value at the edge of what is allowed (a zero weight, gammas summing to exactly 1,
+    a batch of 2 filling the buffer) is refused."""
+    DistillConfig(**kw)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(w_rank=-0.1), "w_rank and lambda_emb must be >= 0"),
+    (dict(lambda_emb=-0.1), "w_rank and lambda_emb must be >= 0"),
+    (dict(emb_loss="l1"), "emb_loss must be mse, cosine or standardized, not 'l1'"),
+    (dict(target="logits"), "target must be ranking or scores, not 'logits'"),
+    (dict(init="random"), "init must be scratch or baseline, not 'random'"),
+    (dict(temperature=0.0), "the teacher temperature must be > 0"),
+    (dict(gamma_position=-0.1), "importance gammas (position, confidence, agreement) must be >= 0 and sum to <= 1"),
+    (dict(gamma_confidence=-0.1), "importance gammas (position, confidence, agreement) must be >= 0 and sum to <= 1"),
+    (dict(gamma_agreement=-0.1), "importance gammas (position, confidence, agreement) must be >= 0 and sum to <= 1"),
+    (dict(gamma_position=0.6, gamma_agreement=0.5),
+     "importance gammas (position, confidence, agreement) must be >= 0 and sum to <= 1"),
+    (dict(teacher_batch_size=1, buffer_rows=1), "need 2 <= teacher_batch_size <= buffer_rows"),
+    (dict(teacher_batch_size=8, buffer_rows=7), "need 2 <= teacher_batch_size <= buffer_rows"),
+])
+def test_config_refuses_what_it_cannot_train_with(kw, message):
+    """Fails if a bad objective setting reaches training instead of a usage error saying what is allowed."""
+    with pytest.raises(UsageError) as e:
+        DistillConfig(**kw)
+    assert str(e.value) == message
