@@ -20,9 +20,14 @@ def ranks_of_target(candidates: np.ndarray, target: np.ndarray) -> tuple[np.ndar
 
 
 def rank_from_scores(scores: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """0-based rank of candidate `index` per row: how many candidates score strictly higher."""
+    """0-based rank of candidate `index` per row, ties ranked pessimistically (as pipeline.metrics):
+    the number of *other* candidates scoring at least as high, so constant scores put it last.
+    Non-finite scores are refused: a NaN would otherwise rank first."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if not np.isfinite(scores).all():
+        raise ValueError("non-finite candidate scores: the model that produced them has diverged")
     own = scores[np.arange(len(index)), index]
-    return (scores > own[:, None]).sum(axis=1)
+    return (scores >= own[:, None]).sum(axis=1) - 1
 
 
 def rank_from_ranking(ranking: np.ndarray, index: np.ndarray) -> np.ndarray:

@@ -18,6 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.teacher.parse import DECISION_STATUSES
+
 COLUMNS = ["sample_id", "user_idx", "position", "target", "candidates", "ranking", "scores", "h_dec", "status"]
 
 
@@ -62,10 +64,13 @@ def _fixed_lists(col: pa.Array, name: str) -> np.ndarray:
 
 
 def batch_from_arrow(rb: pa.RecordBatch, skip_failed: bool = True, min_position: int = 1) -> TeacherBatch:
-    """Convert one record batch. Rows whose parse failed or whose history is empty are dropped."""
+    """Convert one record batch. Rows that are not decision states (status outside DECISION_STATUSES) or whose
+    history is empty are dropped."""
     keep = np.ones(rb.num_rows, dtype=bool)
     if skip_failed and "status" in rb.schema.names:
-        keep &= np.asarray(rb.column("status").to_pylist(), dtype=object) != "failed"
+        # Only decision states train the student: a failed parse, or a generation whose first token was
+        # no identifier (`no_decision`), has an h_dec and ranking that are not the teacher's decision.
+        keep &= np.isin(np.asarray(rb.column("status").to_pylist(), dtype=object), DECISION_STATUSES)
     position = rb.column("position").to_numpy(zero_copy_only=False).astype(np.int64)
     keep &= position >= min_position
     scores_col = rb.column("scores") if "scores" in rb.schema.names else None
