@@ -18,6 +18,9 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = [pytest.mark.vllm,
+              pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")]
+
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
                  "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
@@ -55,16 +58,12 @@ def build_model(kind: str, folder: Path, seed: int = 0) -> Path:
         config = LlamaConfig(vocab_size=512, tie_word_embeddings=False, attention_bias=False, mlp_bias=False, **common)
     else:
         tok = char_tokenizer(256_000, None)
-        config = Gemma2Config(vocab_size=256_000, final_logit_softcapping=5.0,
+        config = Gemma2Config(vocab_size=256_000, final_logit_softcapping=2.0,
                               attn_logit_softcapping=50.0, sliding_window=64, query_pre_attn_scalar=64, **common)
     model = AutoModelForCausalLM.from_config(config).eval()
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
-
-
-pytestmark = [pytest.mark.vllm,
-              pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")]
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -136,9 +135,16 @@ def test_gemma_large_vocab_softcap_no_chat_template(tmp_path):
         res = teacher.run(prompts, ident, "first-token")
     finally:
         teacher.close()
-    for p, h, s in zip(prompts, res.h_dec, res.scores):
+    want_h, want_s = [], []
+    for p in prompts:
         with torch.inference_mode():
             out = model(input_ids=torch.tensor([p]), output_hidden_states=True)
-        want_h = out.hidden_states[-1][0, -1].numpy()
-        assert cosines(h[None], want_h[None])[0] >= 0.9999
-        np.testing.assert_allclose(s, out.logits[0, -1, ident].numpy(), atol=2e-3)
+        want_h.append(out.hidden_states[-1][0, -1].numpy())
+        want_s.append(out.logits[0, -1, ident].numpy())
+    want_h, want_s = np.stack(want_h), np.stack(want_s)
+    gap = np.abs(res.scores - want_s).max()
+    print(f"gemma2: min cosine {cosines(res.h_dec, want_h).min():.7f}, max |score diff| {gap:.2e}")
+    assert cosines(res.h_dec, want_h).min() >= 0.9999
+    # measured 3.8e-3 (the random Gemma-2's h differs by ~0.3% in vLLM); without the soft-cap (cap 2,
+    # scores ~1) the gap is ~0.1
+    assert gap <= 1e-2

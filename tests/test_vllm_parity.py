@@ -26,7 +26,7 @@ from tests.teacher_fixtures import make_inputs
 pytestmark = [pytest.mark.vllm, pytest.mark.teacher,
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")]
 
-SCORE_TOL_FP32 = 2e-3  # |score_vllm - score_hf|, logits of size ~30
+SCORE_TOL_FP32 = 1e-3  # |score_vllm - score_hf| on logits of size ~30; measured 3.1e-5
 BF16_MIN_COS = 0.99
 BF16_SCORE_TOL = 1.0
 GEN_BUDGET = 40

@@ -123,7 +123,7 @@ def engine_kwargs(s: EngineSettings, kind: EngineKind, max_model_len: int) -> di
         "model": s.location, "dtype": s.dtype, "max_model_len": max_model_len, "seed": s.seed,
         "tensor_parallel_size": s.tensor_parallel_size, "enable_prefix_caching": s.prefix_caching,
         "enforce_eager": (not s.on_gpu) if s.enforce_eager is None else s.enforce_eager,
-        "trust_remote_code": s.trust_remote_code,
+        "trust_remote_code": s.trust_remote_code, "use_tqdm_on_load": False,  # its weight-loading bar
     }
     if s.batch_size:
         kw["max_num_seqs"] = s.batch_size
