@@ -110,3 +110,77 @@ def test_schema_types():
         "int64", "int32", "int32", "int32", "list<item: int16>", "list<item: float>", "string", "int32", "bool"]
     with pytest.raises(KeyError):
         store_schema(8, "bfloat16")
+
+
+# ---------------------------------------------------------------- reading, decoding, replacing
+
+from pipeline.errors import UsageError  # noqa: E402
+from pipeline.store import StoreInfo, iter_batches, open_store  # noqa: E402
+from pipeline.store_format import decodes  # noqa: E402
+from pipeline.teacher.dump import DumpConfig, load_inputs, run_dump  # noqa: E402
+from tests.teacher_fixtures import FAKE_TEACHER, FakeBackend, make_inputs  # noqa: E402
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    out = tmp_path / "store"
+    run_dump(DumpConfig(shard_rows=3), load_inputs(*make_inputs(tmp_path / "in")), FakeBackend(), FAKE_TEACHER, out)
+    return out
+
+
+def test_decodes_tells_a_good_shard_from_a_torn_or_flipped_one(store: Path, caplog):
+    """Fails if a truncated shard, or one with a flipped byte in a data page, is reported as decoding
+    (the writer then keeps it as done), or a good one as not; or if the warning stops naming the file."""
+    shard = sorted(store.glob("part-*.parquet"))[0]
+    assert decodes(shard)
+    data = shard.read_bytes()
+    torn = store.parent / "torn.parquet"
+    torn.write_bytes(data[: len(data) // 2])
+    with caplog.at_level("WARNING", logger="pipeline.store_format"):
+        assert not decodes(torn)
+    assert "torn.parquet does not decode (" in caplog.text
+    flipped = store.parent / "flipped.parquet"
+    raw = bytearray(data)
+    raw[len(raw) // 3] ^= 0xFF  # inside the column chunks: caught by the page checksums
+    flipped.write_bytes(bytes(raw))
+    assert not decodes(flipped)
+
+
+def test_iter_batches_streams_a_store_info_and_a_path_without_rehashing(store: Path):
+    """Fails if iter_batches cannot take the StoreInfo it documents, or re-verifies every shard's sha256
+    when given a path (callers verify once with open_store; streaming must not hash the store again)."""
+    info = open_store(store)
+    assert isinstance(info, StoreInfo)
+    ids = [i for b in iter_batches(info, ["sample_id"]) for i in b.column("sample_id").to_pylist()]
+    assert ids == list(range(10))
+    manifest = json.loads((store / MANIFEST).read_text())
+    manifest["shards"][0]["sha256"] = "0" * 64  # verification would refuse the store now
+    (store / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(UsageError):
+        open_store(store)
+    ids = [i for b in iter_batches(store, ["sample_id"]) for i in b.column("sample_id").to_pylist()]
+    assert ids == list(range(10))
+
+
+def test_iter_batches_default_batch_is_1024_rows(tmp_path: Path):
+    """Fails if the default batch size changes (memory per batch is bounded by it)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shard = tmp_path / "part-00000-of-00001.parquet"
+    pq.write_table(pa.table({"sample_id": pa.array(range(1500), pa.int64())}), shard)
+    info = StoreInfo(tmp_path, {}, (shard,))
+    assert [b.num_rows for b in iter_batches(info, ["sample_id"])] == [1024, 476]
+
+
+def test_replacing_a_store_never_deletes_foreign_parquet_or_part_files(store: Path):
+    """Fails if a file is taken for a shard because it merely starts with 'part-' or ends in '.parquet':
+    replacing a mismatched store must refuse instead of deleting someone's results.parquet."""
+    inputs = load_inputs(*make_inputs(store.parent / "in2"))
+    for name in ("results.parquet", "part-notes.txt"):
+        (store / name).write_text("mine")
+        with pytest.raises(UsageError, match=rf"also other files \({name}\)"):
+            run_dump(DumpConfig(shard_rows=4, seed=9, replace_mismatched=True), inputs, FakeBackend(), FAKE_TEACHER,
+                     store)
+        assert (store / name).read_text() == "mine"
+        (store / name).unlink()
