@@ -121,7 +121,9 @@ def _print(diffs: dict[str, PairedDiff], names: tuple[str, str], teacher: dict |
         tt.add_row("random order", f"{teacher['random_ndcg@k']:.4f}", f"{1 / teacher['k']:.4f}", f"{(teacher['k'] - 1) / 2:.2f}")
         console.print(tt)
         console.print(f"target among the candidates: {teacher['target_in_candidates']:.1%}; parse failures: "
-                      f"{teacher['parse_failure_rate']:.1%} (repaired {teacher['repaired_rate']:.1%}); most common "
+                      f"{teacher['parse_failure_rate']:.1%} (repaired {teacher['repaired_rate']:.1%}); no decision "
+                      f"state (first token no identifier) {teacher.get('no_decision_rate', 0.0):.1%}; cut by the "
+                      f"decode budget {teacher.get('cut_rate', 0.0):.1%}; most common "
                       f"top-1 position holds {teacher['top1_most_common_share']:.1%} of first choices "
                       f"(uniform {1 / teacher['k']:.1%}). Students score training prefixes here (in-sample).")
 

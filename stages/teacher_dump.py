@@ -33,7 +33,8 @@ def teacher_dump(
     backend: Annotated[Literal["hf", "vllm"], typer.Option(
         help="hf: transformers (tested). vllm: first-token mode via vLLM's pooling runner (untested here).")] = "hf",
     dtype: Annotated[Literal["auto", "bfloat16", "float32", "float16"], typer.Option(
-        help="Compute dtype; auto = bfloat16 on CPUs with native bf16 (and GPUs), else float32.")] = "auto",
+        help="Compute dtype. auto: bfloat16 where the CPU flags list avx512_bf16/amx_bf16, else by a cached "
+             "bf16-vs-fp32 matmul probe; bfloat16 on GPUs that support it. float16 is refused on a CPU.")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="hf: prompts per forward pass (length-sorted, left-padded). "
                                                        "vllm schedules its own batches.")] = HF_BATCH_SIZE,
     history_len: Annotated[int, typer.Option(min=0, help="Most recent history items shown to the teacher.")] = 10,
@@ -48,7 +49,8 @@ def teacher_dump(
     seed: Annotated[int, typer.Option(help="Seed of the candidate shuffle.")] = 0,
     h_dec_dtype: Annotated[Literal["float16", "float32"], typer.Option(help="Storage dtype of h_dec.")] = "float16",
     store_prompt: Annotated[bool, typer.Option(help="Keep each prompt's text in the store.")] = True,
-    max_new_tokens: Annotated[int | None, typer.Option(min=1, help="generate mode: decode budget (default 4*K).")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(min=1, help="generate mode: decode budget (default: room for the longest ranking with titles; rows that "
+             "hit it get status 'cut').")] = None,
     shard_rows: Annotated[int, typer.Option(min=1, help="Samples per shard (the unit of resume and of workers).")] = 256,
     num_workers: Annotated[int, typer.Option(min=1, help="Split the shards among W independent runs.")] = 1,
     worker_index: Annotated[int, typer.Option(min=0, help="Which of the W runs this is (0..W-1).")] = 0,
@@ -129,6 +131,12 @@ def _print_report(r: DumpReport, cfg: DumpConfig) -> None:
         if r.status.get("failed"):
             console.print(f"[yellow]{r.status['failed']} answer(s) were unparseable: kept with status 'failed' "
                           "(ranking = shown order)[/yellow]")
+        if r.status.get("no_decision"):
+            console.print(f"[yellow]{r.status['no_decision']} answer(s) did not start with an identifier: their h_dec "
+                          "is no decision state (status 'no_decision'; stage two skips them)[/yellow]")
+        if r.status.get("cut"):
+            console.print(f"[yellow]{r.status['cut']} answer(s) hit the decode budget (status 'cut'); raise "
+                          "--max-new-tokens if their rankings are incomplete[/yellow]")
     if r.complete:
         console.print("store complete; check it with `gedistill cache verify` " + str(r.out))
     elif cfg.num_workers > 1:

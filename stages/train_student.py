@@ -108,6 +108,7 @@ def final_report(model: SASRec, prepared: Prepared, out: Path, run_name: str, me
             ranks.append(pl.DataFrame({"user_idx": np.arange(len(r), dtype=np.int32), "split": split,
                                        "masked": masked, "rank": r.astype(np.int32)}))
     metrics["best_epoch"] = result.best_epoch
+    metrics["diverged_epoch"] = getattr(result, "diverged_epoch", None)  # None: training never diverged
     metrics["epochs_run"] = len(result.history)
     metrics["run"] = run_name
     pl.concat(ranks).write_parquet(out / "ranks.parquet")
@@ -233,6 +234,7 @@ def student_train(
     out.mkdir(parents=True, exist_ok=True)
     # An older checkpoint in `out` stops being loadable before any of its files is replaced, so a write
     # that fails half-way never leaves old weights beside new ranks; the metrics file comes last.
+    metrics_path.unlink(missing_ok=True)  # a kill after the new checkpoint must not leave the old run's metrics
     invalidate(out)
     distill_meta = {"distill": asdict(dcfg), "teacher_cache": [str(p) for p in stores_in]} if dcfg else {}
     with writing(out):

@@ -185,3 +185,28 @@ def test_history_holds_no_timings_and_identical_runs_are_byte_identical(tmp_path
     assert len(history) == 2 and not any("seconds" in k for row in history for k in row)
     timing = json.loads((tmp_path / "ma" / "baseline.timing.json").read_text())
     assert [r["epoch"] for r in timing["epochs"]] == [1, 2] and all(r["train_seconds"] > 0 for r in timing["epochs"])
+
+
+def test_a_failed_metrics_write_leaves_no_stale_metrics(tmp_path: Path, tiny_csv, monkeypatch):
+    """Fails if the previous run's metrics file survives while the checkpoint is replaced: a kill (here a
+    failing write) between the new checkpoint and the new metrics left old numbers beside new weights.
+    The report also says whether training diverged (None here)."""
+    import stages.train_student as ts
+
+    inter, items = tiny_csv
+    prep, out, metrics = tmp_path / "prep", tmp_path / "student", tmp_path / "m" / "baseline.json"
+    assert run(["prepare", "--out", str(prep), "--interactions", str(inter), "--items", str(items)]) == 0
+    args = ["student-train", "--prepared", str(prep), "--out", str(out), "--metrics", str(metrics),
+            "--hidden", "16", "--max-len", "8", "--epochs", "2", "--threads", "1"]
+    assert run(args) == 0
+    assert json.loads(metrics.read_text())["diverged_epoch"] is None
+    real = ts.write_text_atomic
+
+    def fail_on_metrics(path, text):
+        if Path(path) == metrics:
+            raise OSError(28, "No space left on device")
+        return real(path, text)
+
+    monkeypatch.setattr(ts, "write_text_atomic", fail_on_metrics)
+    assert run(args + ["--seed", "7"]) != 0
+    assert not metrics.exists()
