@@ -184,3 +184,122 @@ def test_replacing_a_store_never_deletes_foreign_parquet_or_part_files(store: Pa
                      store)
         assert (store / name).read_text() == "mine"
         (store / name).unlink()
+
+
+# ---------------------------------------------------------------- merge refusals, replacement under a lock
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from pipeline.prepared import load_prepared  # noqa: E402
+from pipeline.store_check import verify_store  # noqa: E402
+from pipeline.store_merge import merge_stores  # noqa: E402
+
+MERGE_HINT = ". Rerun the worker(s) concerned with the same options (bad shards are recomputed), then merge again."
+
+
+def _workers(tmp_path: Path, shard_rows: int = 3) -> list[Path]:
+    inputs = load_inputs(*make_inputs(tmp_path / "in"))
+    parts = []
+    for i in range(2):
+        out = tmp_path / f"w{i}"
+        run_dump(DumpConfig(shard_rows=shard_rows, num_workers=2, worker_index=i), inputs, FakeBackend(),
+                 FAKE_TEACHER, out)
+        parts.append(out)
+    return parts
+
+
+def _break_digests(store: Path, n: int) -> None:
+    manifest = json.loads((store / MANIFEST).read_text())
+    for s in manifest["shards"][:n]:
+        s["sha256"] = "0" * 64
+    (store / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_merge_lists_the_problems_of_every_source(tmp_path: Path):
+    """Fails if a bad source's problems replace another's instead of adding up, or the refusal stops
+    naming each problem under its source with what to do."""
+    parts = _workers(tmp_path)
+    for p in parts:
+        _break_digests(p, 1)
+    expected = [f"{p}/{x}" for p in parts for x in verify_store(p, partial=True)]
+    assert len(expected) == 2
+    with pytest.raises(UsageError) as e:
+        merge_stores(tmp_path / "out", parts)
+    assert str(e.value) == "refusing to merge: 2 problem(s) in the sources: " + "; ".join(expected) + MERGE_HINT
+
+
+@pytest.mark.parametrize("n_bad, suffix", [(8, ""), (9, "; ...")])
+def test_merge_lists_at_most_eight_problems(tmp_path: Path, n_bad, suffix):
+    """Fails if the refusal lists more than 8 problems, or marks a list of exactly 8 as cut."""
+    parts = _workers(tmp_path, shard_rows=1)  # 10 shards, 5 per worker
+    _break_digests(parts[0], 5)
+    _break_digests(parts[1], n_bad - 5)
+    problems = [f"{p}/{x}" for p in parts for x in verify_store(p, partial=True)]
+    assert len(problems) == n_bad
+    with pytest.raises(UsageError) as e:
+        merge_stores(tmp_path / "out", parts)
+    assert str(e.value) == (f"refusing to merge: {n_bad} problem(s) in the sources: " + "; ".join(problems[:8])
+                            + suffix + MERGE_HINT)
+
+
+def test_merge_checks_the_sources_against_the_given_prepared_data(tmp_path: Path):
+    """Fails if merge ignores `prepared`: sources made from another dataset must be refused."""
+    parts = _workers(tmp_path)
+    other = load_prepared(make_inputs(tmp_path / "other", seed=5)[0])
+    with pytest.raises(UsageError, match="made from other prepared data"):
+        merge_stores(tmp_path / "out", parts, prepared=other)
+    same = load_prepared(tmp_path / "in" / "prepared")
+    assert merge_stores(tmp_path / "out", parts, prepared=same)["complete"]
+
+
+def test_merge_of_a_directory_without_manifest_says_what_it_expected(tmp_path: Path):
+    """Fails if a wrong source directory gives another message than the missing manifest."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError) as e:
+        merge_stores(tmp_path / "out", [tmp_path / "empty"])
+    assert str(e.value) == f"{tmp_path / 'empty'}: no {MANIFEST}; is it a teacher-dump --out directory?"
+
+
+def test_settings_values_are_cut_after_60_characters_exactly():
+    """Fails if a value whose repr is exactly 60 characters gets '...', or one of 61 does not."""
+    sixty, sixty_one = "a" * 58, "a" * 59  # repr adds the two quotes
+    assert diff_settings({"v": sixty}, {"v": 1}) == [f"v: stored {sixty!r}, now 1"]
+    assert diff_settings({"v": sixty_one}, {"v": 1}) == [f"v: stored {sixty_one!r:.60}..., now 1"]
+
+
+def test_replacement_names_at_most_five_foreign_files_and_logs_the_store(store: Path, caplog):
+    """Fails if the refusal lists other than the first five foreign files, comma-separated, or the
+    replacement warning stops naming the store directory."""
+    inputs = load_inputs(*make_inputs(store.parent / "in2"))
+    names = [f"f{i}.txt" for i in range(6)]
+    for name in names:
+        (store / name).write_text("mine")
+    with pytest.raises(UsageError, match=r"also other files \(f0.txt, f1.txt, f2.txt, f3.txt, f4.txt\); not deleting"):
+        run_dump(DumpConfig(shard_rows=4, seed=9, replace_mismatched=True), inputs, FakeBackend(), FAKE_TEACHER, store)
+    for name in names:
+        (store / name).unlink()
+    with caplog.at_level("WARNING", logger="pipeline.store"):
+        run_dump(DumpConfig(shard_rows=4, seed=9, replace_mismatched=True), inputs, FakeBackend(), FAKE_TEACHER, store)
+    assert f"{store}: replacing a teacher store made with other settings (" in caplog.text
+
+
+def test_a_store_in_use_by_another_writer_is_not_replaced(store: Path):
+    """Fails if replacing a mismatched store takes the run lock shared instead of exclusive: another
+    process still writing the old store (here one holding the shared run lock) must make it refuse."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, 0)\n"
+         "print('locked', flush=True)\ntime.sleep(60)\n", str(store / ".lock")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        inputs = load_inputs(*make_inputs(store.parent / "in2"))
+        with pytest.raises(UsageError, match=rf"is in use by pid {holder.pid} .*cannot delete and replace it"):
+            run_dump(DumpConfig(shard_rows=4, seed=9, replace_mismatched=True), inputs, FakeBackend(), FAKE_TEACHER,
+                     store)
+        assert len(list(store.glob("part-*.parquet"))) == 4  # the old store is intact
+    finally:
+        holder.kill()
+        holder.wait()
