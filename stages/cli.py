@@ -12,6 +12,7 @@ from stages.prepare import prepare
 from stages.retrieve import retrieve
 from stages.cache import app as cache_app
 from stages.teacher_dump import teacher_dump
+from stages.teacher_tune import teacher_tune
 from stages.evaluate import evaluate
 from stages.train_student import student_train
 
@@ -22,6 +23,7 @@ app.command("student-train")(student_train)
 app.command("evaluate")(evaluate)
 app.command("retrieve")(retrieve)
 app.command("teacher-dump")(teacher_dump)
+app.command("teacher-tune")(teacher_tune)
 app.add_typer(cache_app, name="cache")
 
 

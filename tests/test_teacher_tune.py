@@ -304,3 +304,15 @@ def test_decision_logits_are_float32_under_bf16_autocast():
         s = decision_logits(model, ids, mask, pos, IDENT)
         arr = score_examples(model, data, IDENT, 0)
     assert s.dtype == torch.float32 and arr.dtype == np.float32 and arr.shape == (4, K)
+
+
+def test_installed_teacher_tune_refuses_missing_inputs_with_exit_2(tmp_path: Path):
+    """Through the installed command: a missing prepared folder is a usage error (exit 2, what to do), not a
+    traceback, and nothing is written to --out."""
+    from tests.test_entrypoint import run_gedistill
+
+    r = run_gedistill("teacher-tune", "--prepared", str(tmp_path / "nope"), "--student", str(tmp_path / "s"),
+                      "--out", str(tmp_path / "tuned"))
+    assert r.returncode == 2, r.stderr
+    assert "prepare" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "tuned").exists()
