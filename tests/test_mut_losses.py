@@ -170,3 +170,21 @@ def test_embedding_losses_by_hand():
     assert float(embedding_loss(p[:2], u[:2], "standardized")) >= 0
     with pytest.raises(ValueError, match=r"^unknown embedding loss 'l1'$"):
         embedding_loss(p, u, "l1")
+
+
+def test_weights_live_on_the_inputs_device():
+    """Fails if the weights are made on the default device instead of the inputs' (a CUDA run would then
+    mix devices); checked on PyTorch's shape-only 'meta' device."""
+    ranks = torch.empty((2, 4), dtype=torch.long, device="meta")
+    probs = torch.empty((2, 4), device="meta")
+    student = torch.empty((2, 4), device="meta")
+    assert importance_weights(ranks, probs, student).device.type == "meta"
+    assert importance_weights(ranks, probs, student, gamma_position=0.5).device.type == "meta"
+
+
+def test_cosine_loss_damps_vectors_shorter_than_eps():
+    """Fails if the cosine loss stops using its eps (1e-5): a projection of norm 1e-6 (a collapse) must
+    not count as perfectly aligned."""
+    p, u = torch.tensor([[1e-6, 0.0]]), torch.tensor([[1.0, 0.0]])
+    assert float(embedding_loss(p, u, "cosine")) == pytest.approx(0.9, rel=1e-4)
+    assert float(embedding_loss(p, u, "cosine", eps=1e-8)) == pytest.approx(0.0, abs=1e-6)
