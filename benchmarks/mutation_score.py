@@ -51,7 +51,8 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "store": ("pipeline/store.py pipeline/store_format.py pipeline/store_read.py pipeline/store_check.py "
               "pipeline/store_merge.py", _STORE_TESTS),
     "prompt": ("pipeline/teacher/prompt.py", ["tests/test_teacher_prompt.py", "tests/test_mut_prompt.py"]),
-    "parse": ("pipeline/teacher/parse.py", ["tests/test_teacher_parse.py", "tests/test_mut_parse.py"]),
+    "parse": ("pipeline/teacher/parse.py", ["tests/test_teacher_parse.py", "tests/test_mut_parse.py",
+                                            "tests/test_teacher_generate.py::test_generation_status_order"]),
     "identifiers": ("pipeline/teacher/identifiers.py",
                     ["tests/test_teacher_prompt.py", "tests/test_mut_identifiers.py"]),
     # test_cli_foundation's end-to-end test trains a student for every mutant it reaches: only its
