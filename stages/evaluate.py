@@ -63,15 +63,20 @@ def compare_students(models: dict[str, SASRec], prepared: Prepared, masked: bool
     return {m: paired_bootstrap(per_user(ra, m), per_user(rb, m), n_boot=n_boot, seed=seed) for m in DEFAULT_METRICS}
 
 
-@torch.no_grad()
-def teacher_quality(stores: list[Path], prepared: Prepared, models: dict[str, SASRec], max_rows: int = 0) -> TeacherQuality:
-    """Stream the stores; score each sample's candidates with every student (history = train[:position])."""
-    infos = [open_store(st, checksums=True) for st in stores]
+def open_teacher_stores(stores: list[Path], prepared: Prepared) -> list:
+    """Verify every store (whole, and row by row against the prepared data) before any student is scored."""
+    infos = [open_store(st, checksums=True, prepared=prepared) for st in stores]
     for st, info in zip(stores, infos):
         if info.settings.get("prepared_fingerprint") != prepared.fingerprint:
             raise UsageError(f"{st} was made from other prepared data than the students were trained on")
     if len({info.k for info in infos}) > 1:
         raise UsageError("the teacher stores differ in K; evaluate them one at a time")
+    return infos
+
+
+@torch.no_grad()
+def teacher_quality(infos: list, prepared: Prepared, models: dict[str, SASRec], max_rows: int = 0) -> TeacherQuality:
+    """Stream the stores; score each sample's candidates with every student (history = train[:position])."""
     shards = [p for info in infos for p in info.shard_paths]
     # the teacher's scores minus each identifier position's mean: its ranking without position bias
     calib = position_mean_scores(shards)
@@ -147,13 +152,15 @@ def evaluate(
     data = load_prepared(prepared)
     ensure_writable(metrics.parent, plots)
     split_key = "test_masked" if masked else "test"
+    # A bad store is refused now, not after minutes of comparing the students.
+    infos = open_teacher_stores(list(teacher_cache), data) if teacher_cache else []
     names = ("baseline", "distilled")
     (mb, meta_b), (md, meta_d) = _load(baseline, data), _load(distilled, data)
     models = {"baseline": mb, "distilled": md}
     diffs = compare_students(models, data, masked, n_boot, seed)
     teacher = None
     if teacher_cache:
-        teacher = teacher_quality(list(teacher_cache), data, models, max_teacher_rows).result()
+        teacher = teacher_quality(infos, data, models, max_teacher_rows).result()
     verdicts = {m: d.verdict(*names) for m, d in diffs.items()}
     out = {
         # the key says what it holds: masked numbers never pass for the unmasked ones

@@ -201,3 +201,20 @@ def test_masked_ranks_mask_the_whole_history_by_hand():
     targets = np.array([4, 1])
     assert rank_targets(model, hist, targets, masked=False).tolist() == [3, 0]
     assert rank_targets(model, hist, targets, masked=True).tolist() == [0, 0]
+
+
+def test_a_bad_teacher_store_is_refused_before_the_students_are_compared(trained, tmp_path, monkeypatch):
+    """Fails if evaluate compares the students (minutes on real data) before opening the teacher store."""
+    import stages.evaluate as ev
+    from pipeline.errors import UsageError
+
+    root = trained
+    prepared = root / "prepared"
+    calls = []
+    monkeypatch.setattr(ev, "compare_students", lambda *a, **k: calls.append(1) or {})
+    bad = tmp_path / "not-a-store"
+    bad.mkdir()
+    with pytest.raises(UsageError):
+        ev.evaluate(prepared=prepared, baseline=root / "baseline", distilled=root / "distilled", teacher_cache=[bad],
+                    metrics=tmp_path / "m.json", plots=tmp_path / "plots")
+    assert calls == []
