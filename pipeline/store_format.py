@@ -40,7 +40,7 @@ def store_schema(hidden_size: int, h_dec_dtype: str = "float16") -> pa.Schema:
         ("ranking", pa.list_(pa.int16())),  # permutation of 0..K-1, best first, indices into candidates
         ("scores", pa.list_(pa.float32())),  # identifier logits at the decision step, candidates order
         ("h_dec", pa.list_(H_DTYPES[h_dec_dtype], hidden_size)),
-        ("status", pa.string()),  # ok | repaired | failed
+        ("status", pa.string()),  # one of pipeline.teacher.parse.STATUSES (ok, repaired, failed, no_decision, cut)
         ("prompt_tokens", pa.int32()),
         ("truncated", pa.bool_()),
         ("prompt", pa.string()),
