@@ -190,10 +190,11 @@ def test_cosine_loss_damps_vectors_shorter_than_eps():
     assert float(embedding_loss(p, u, "cosine", eps=1e-8)) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_ranks_from_int16_rankings_on_the_inputs_device():
-    """Fails if the positions are made as int64 or on the default device: the store holds rankings as
-    int16, and scatter needs the source to match the ranking's dtype and device."""
-    ranking = torch.tensor([[2, 0, 1], [1, 2, 0]], dtype=torch.int16)
+def test_ranks_keep_the_rankings_integer_type_and_device():
+    """Fails if the positions are made as int64 or on the default device: an int32 ranking (scatter
+    accepts int32 and int64 indices) must give int32 ranks, and scatter needs the source to match the
+    ranking's dtype and device."""
+    ranking = torch.tensor([[2, 0, 1], [1, 2, 0]], dtype=torch.int32)
     ranks = ranks_from_ranking(ranking)
-    assert ranks.dtype == torch.int16 and ranks.tolist() == [[1, 2, 0], [2, 0, 1]]
-    assert ranks_from_ranking(torch.empty((2, 3), dtype=torch.int16, device="meta")).device.type == "meta"
+    assert ranks.dtype == torch.int32 and ranks.tolist() == [[1, 2, 0], [2, 0, 1]]
+    assert ranks_from_ranking(torch.empty((2, 3), dtype=torch.long, device="meta")).device.type == "meta"
