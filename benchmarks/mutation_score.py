@@ -176,6 +176,7 @@ def run_module(name: str, source: str, max_children: int, sample: int | None = N
             result.update(module=label, file=target, tests=present, source=origin, seconds=round(elapsed),
                           blobs=_blobs(dest, [target] + [t.split("::")[0] for t in present if not t.startswith("-")]))
             results.append(result)
+    (dest / "result.json").write_text(json.dumps(results, indent=1, sort_keys=True))
     return results
 
 
@@ -218,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     scores = json.loads(SCORES.read_text()) if SCORES.exists() else {}
     for name in args.modules or list(MODULES):
         for r in run_module(name, args.source, args.max_children, args.sample):
+            # re-read: another run (another module) may have written in the meantime
+            scores = json.loads(SCORES.read_text()) if SCORES.exists() else {}
             scores[r["module"]] = r
             SCORES.write_text(json.dumps(scores, indent=1, sort_keys=True))
             of = f"{r['total']}" + (f" sampled of {r['generated']}" if r["generated"] != r["total"] else "")
