@@ -180,6 +180,17 @@ def run_module(name: str, source: str, max_children: int, sample: int | None = N
     return results
 
 
+def _print_table() -> int:
+    scores = json.loads(SCORES.read_text()) if SCORES.exists() else {}
+    print("| module | file | mutants | killed | timeout | survived | no tests | score | code |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    for label, r in scores.items():
+        n = f"{r['total']}" + (f" of {r['generated']} (sample)" if r.get("generated", r["total"]) != r["total"] else "")
+        print(f"| {label} | `{r['file']}` | {n} | {r['killed']} | {r['timeout']} | {len(r['survived'])} | "
+              f"{len(r['no_tests'])} | {r['score']}% | {r['source']} |")
+    return 0
+
+
 def _report_stale() -> int:
     scores = json.loads(SCORES.read_text()) if SCORES.exists() else {}
     stale = 0
@@ -201,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--source", choices=["head", "worktree"], default="head")
     ap.add_argument("--max-children", type=int, default=1)
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--table", action="store_true", help="print the recorded scores as a Markdown table")
     ap.add_argument("--sample", type=int, metavar="N",
                     help="test a seeded random sample of at most N mutants per file (an estimate, for big modules)")
     ap.add_argument("--stale", action="store_true",
@@ -208,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.stale:
         return _report_stale()
+    if args.table:
+        return _print_table()
     if args.list:
         for name, (target, tests) in MODULES.items():
             print(f"{name:15s} {target:32s} {' '.join(tests)}")
