@@ -303,3 +303,64 @@ def test_a_store_in_use_by_another_writer_is_not_replaced(store: Path):
     finally:
         holder.kill()
         holder.wait()
+
+
+# ---------------------------------------------------------------- open_store's refusals, merge without rehashing
+
+def test_open_store_refusals_say_what_is_wrong_and_what_to_do(store: Path):
+    """Fails if open_store's messages for a missing, unreadable or newer-version manifest stop naming
+    the file, the error or the versions."""
+    missing = store.parent / "nothing"
+    missing.mkdir()
+    with pytest.raises(UsageError) as e:
+        open_store(missing)
+    assert str(e.value) == f"{missing} is not a teacher store (no {MANIFEST}); run `gedistill teacher-dump --out {missing}`"
+    good = (store / MANIFEST).read_text()
+    (store / MANIFEST).write_text("{not json")
+    with pytest.raises(UsageError, match=rf"^{store / MANIFEST} is unreadable or not a store manifest \(JSONDecodeError: "):
+        open_store(store)
+    manifest = json.loads(good)
+    manifest["schema_version"] = 2
+    (store / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(UsageError) as e:
+        open_store(store)
+    assert str(e.value) == f"{store}: store schema version 2, this gedistill reads 1"
+
+
+@pytest.mark.parametrize("n_bad, suffix", [(3, ""), (8, ""), (9, "; ...")])
+def test_open_store_lists_at_most_eight_problems(tmp_path: Path, n_bad, suffix):
+    """Fails if a refused store's message lists more than 8 problems, marks exactly 8 as cut, or stops
+    saying how to see all of them and how to recompute."""
+    out = tmp_path / "s"
+    run_dump(DumpConfig(shard_rows=1), load_inputs(*make_inputs(tmp_path / "in")), FakeBackend(), FAKE_TEACHER, out)
+    _break_digests(out, n_bad)
+    problems = verify_store(out)
+    assert len(problems) == n_bad
+    with pytest.raises(UsageError) as e:
+        open_store(out)
+    assert str(e.value) == (f"{out} fails verification, refusing to use it ({n_bad} problem(s)): "
+                            + "; ".join(problems[:8]) + suffix + f". See `gedistill cache verify {out}`; rerun "
+                            "teacher-dump with the same options to recompute bad shards.")
+
+
+def test_decode_warning_is_one_line_naming_the_file(store: Path, caplog):
+    """Fails if the warning for an undecodable shard changes its wording."""
+    torn = store.parent / "torn.parquet"
+    torn.write_bytes(sorted(store.glob("part-*.parquet"))[0].read_bytes()[:100])
+    with caplog.at_level("WARNING", logger="pipeline.store_format"):
+        decodes(torn)
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["torn.parquet does not decode"]
+    assert caplog.records[0].getMessage().endswith(")")
+
+
+def test_merge_does_not_rehash_the_shards_it_copied(tmp_path: Path, monkeypatch):
+    """Fails if the merged manifest re-reads every copied shard for its sha256 instead of taking the
+    digest already checked on the copy (note_digest): a merge of a large store would hash it twice."""
+    import pipeline.store as store_mod
+
+    parts = _workers(tmp_path)
+    calls = []
+    real = store_mod.sha256_file
+    monkeypatch.setattr(store_mod, "sha256_file", lambda p: calls.append(p) or real(p))
+    assert merge_stores(tmp_path / "out", parts)["complete"]
+    assert calls == []
