@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.gedistill-setup
 
-.PHONY: setup run test test-fast mutate bench clean-data
+.PHONY: setup run test test-fast mutate bench clean-data run-tuned
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,8 +22,14 @@ $(STAMP): pyproject.toml | $(BIN)/python
 setup: $(STAMP)
 
 # dvc runs the stages of dvc.yaml, which call the `gedistill` of this venv.
+# The default profile only (the embedded teacher, zero-shot). `make run-tuned` adds teacher-tune.
 run: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro evaluate
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc metrics show
+
+# The `tuned` profile: retrieve -> teacher-tune -> teacher-dump -> distill -> evaluate (params.yaml teacher_tune).
+run-tuned: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro evaluate_tuned
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc metrics show
 
 test: setup

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +59,9 @@ class StoreWriter:
         """replace_mismatched: a store made with other settings is deleted (with a warning naming the
         differences) instead of refused; for pipelines that keep older outputs elsewhere (DVC's cache)."""
         self.root, self.spec = Path(root), spec
-        self._written: dict[str, tuple[str, int, int]] = {}  # name -> sha256, size, mtime of shards written here
+        # name -> (sha256, size, mtime_ns) of shards this process wrote or hashed. Kept in memory, not in the
+        # manifest: file times differ between machines, and the manifest is a shared (DVC-hashed) output.
+        self._written: dict[str, tuple[str, int, int]] = {}
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             hold_run(self.root)
@@ -206,17 +207,15 @@ class StoreWriter:
         mine = self._written.get(p.name)
         if mine and mine[1:] == (st.st_size, st.st_mtime_ns):
             digest = mine[0]
-        elif old and (old.get("size"), old.get("mtime_ns")) == (st.st_size, st.st_mtime_ns):
-            digest = old["sha256"]
-        else:
+        else:  # once per process for a shard of an earlier run (about 1 s per GB)
             digest = sha256_file(p)
             if old and old.get("sha256") != digest:  # changed since listed: never launder it into the manifest
                 log.warning("%s differs from its sha256 in the manifest; left out until it is recomputed", p.name)
                 return None
             if not old and not decodes(p):  # listed by nobody yet (a crash before the manifest write)
                 return None
-        return {"name": p.name, "index": index, "rows": rows, "sha256": digest, "size": st.st_size,
-                "mtime_ns": st.st_mtime_ns}
+            self._written[p.name] = (digest, st.st_size, st.st_mtime_ns)
+        return {"name": p.name, "index": index, "rows": rows, "sha256": digest, "size": st.st_size}
 
     def write_manifest(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Scan the directory and (re)write the manifest; `complete` once every shard is present.
@@ -231,7 +230,7 @@ class StoreWriter:
             listed = {s.get("name"): s for s in old.get("shards", []) if isinstance(s, dict)}
             shards = [e for i in range(self.spec.n_shards)
                       if (e := self._entry(i, listed.get(shard_name(i, self.spec.n_shards)))) is not None]
-            now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            # No dates, host facts or file times: two machines writing the same store write the same bytes.
             manifest = {
                 "schema_version": SCHEMA_VERSION,
                 "fingerprint": self.spec.fingerprint,
@@ -244,8 +243,6 @@ class StoreWriter:
                 "complete": len(shards) == self.spec.n_shards,
                 "shards": shards,
                 "tool_version": __version__,
-                "created": old.get("created", now),
-                "updated": now,
                 "run": {**old.get("run", {}), **(extra or {})},
             }
             _atomic_write_text(self.root / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False))

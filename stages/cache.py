@@ -84,7 +84,6 @@ def info(store: Annotated[Path, typer.Argument(exists=True, file_okay=False, hel
         ("prepared / candidates", f"{str(s.get('prepared_fingerprint'))[:16]} / {str(s.get('candidates_fingerprint'))[:16]}"),
         ("fingerprint", m["fingerprint"]),
         ("schema / tool", f"v{m['schema_version']} / gedistill {m['tool_version']}"),
-        ("created / updated", f"{m['created']} / {m['updated']}"),
     ]:
         table.add_row(key, value)
     Console().print(table)

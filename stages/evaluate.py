@@ -28,7 +28,7 @@ from pipeline.stats import PairedDiff, paired_bootstrap
 from pipeline.store import iter_batches, open_store
 from pipeline.teacher_quality import TeacherQuality
 from pipeline.train import rank_targets, split_inputs
-from stages.train_student import ensure_writable, write_text_atomic, writing
+from stages.outputs import ensure_writable, write_text_atomic, writing
 
 log = logging.getLogger(__name__)
 

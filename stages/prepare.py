@@ -14,7 +14,7 @@ from pipeline.errors import UsageError
 from pipeline.prepare import PrepareConfig, build_sequences
 from pipeline.prepared import write_prepared
 from pipeline.sources import Columns, embedded_items_frame, embedded_ml100k, read_interactions, read_items
-from stages.train_student import ensure_writable, writing
+from stages.outputs import ensure_writable, writing
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from pipeline.checkpoint import load_student
 from pipeline.errors import UsageError
 from pipeline.prepared import load_prepared
 from pipeline.store import sha256_file
-from stages.train_student import ensure_writable, set_threads, writing
+from stages.outputs import ensure_writable, set_threads, writing
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipeline.errors import UsageError
 from pipeline.teacher.dump import Backend, DumpConfig, DumpInputs, DumpReport, load_inputs, run_dump
-from stages.train_student import ensure_writable
+from stages.outputs import ensure_writable
 
 log = logging.getLogger(__name__)
 

@@ -56,6 +56,7 @@ def teacher_tune(
     n_boot: Annotated[int, typer.Option(min=100)] = 2000,
     seed: Annotated[int, typer.Option(help="Seeds the user split, candidate shuffle, data order and dropout.")] = 0,
     threads: Annotated[int, typer.Option(min=0, help="torch threads; 0 = torch's default.")] = 0,
+    metrics: Annotated[Path | None, typer.Option(help="Also write the report (tune.json) here, e.g. for DVC.")] = None,
 ) -> None:
     """Tune the teacher on training prefixes (verbalizer loss at the decision position); report it on held-out users."""
     try:
@@ -69,6 +70,10 @@ def teacher_tune(
 
     if threads > 0:
         torch.set_num_threads(threads)
+    if metrics is not None:
+        from stages.outputs import ensure_writable
+
+        ensure_writable(metrics.parent)
     modules = tuple(m.strip() for m in target_modules.split(",") if m.strip())
     if not modules and method == "lora":
         raise UsageError("--target-modules is empty; name the projections LoRA wraps, e.g. q_proj,v_proj")
@@ -95,6 +100,10 @@ def teacher_tune(
                 log.info("step %d: %d/%d samples, %s", state.step, state.seen, total, info)
 
         result = run_tune(cfg, prepared, student, out, progress=progress)
+    if metrics is not None:
+        from stages.outputs import write_text_atomic
+
+        write_text_atomic(metrics, json.dumps(result, indent=1) + "\n")
     _print(result, out)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -291,21 +290,13 @@ def test_prepare_input_param_selects_the_data(tmp_path: Path):
     assert cmd.startswith("gedistill prepare --out data/prepared") and "--interactions my.csv --user-col uid" in cmd
 
 
-# Known, and owned by pipeline/store.py: its manifest records when it was written and each shard's mtime.
 STORE_MANIFEST = "data/teacher/manifest.json"
-STORE_HOST_KEYS = re.compile(r"^(created|updated|shards\.\[\d+\]\.mtime_ns)$")
-
-
-def _unexpected(diffs: dict[str, list[str]]) -> dict[str, list[str]]:
-    """The differences that are not the teacher manifest's known dates and mtimes."""
-    return {f: keys for f, keys in diffs.items()
-            if f != STORE_MANIFEST or not keys or not all(STORE_HOST_KEYS.match(k) for k in keys)}
 
 
 def test_clone_comparison_names_what_differs(tmp_path: Path):
-    """Fails if the two-clone comparison misses a timing in a tracked output or files it under the known
-    manifest issue (then the slow test's xfail would hide a new host fact, e.g. `train_seconds` in
-    history.json), or if it looks at untracked files such as the `*.timing.json` next to the metrics."""
+    """Fails if the two-clone comparison misses a timing or date in a tracked output (e.g. `train_seconds` in
+    history.json, `created` in the teacher manifest), or if it looks at untracked files such as the
+    `*.timing.json` next to the metrics."""
     for clone, seconds in (("a", 1.5), ("b", 2.5)):
         run = tmp_path / clone / "data" / "students" / "baseline"
         run.mkdir(parents=True)
@@ -318,31 +309,24 @@ def test_clone_comparison_names_what_differs(tmp_path: Path):
     diffs = _differing_files(tmp_path / "a", tmp_path / "b")
     assert diffs == {"data/students/baseline/history.json": ["[0].train_seconds"],
                      STORE_MANIFEST: ["created", "shards.[0].mtime_ns"]}
-    assert _unexpected(diffs) == {"data/students/baseline/history.json": ["[0].train_seconds"]}
 
 
 @pytest.mark.slow
 @pytest.mark.teacher
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=(
-    "pipeline/store.py write_manifest puts host and time facts into data/teacher/manifest.json: `created`, "
-    "`updated` (wall-clock dates) and each shard's `mtime_ns`; measured: the only tracked file that differs"))
 def test_two_clean_clones_write_identical_dvc_lock(tmp_path: Path):
     """Fails if any DVC-tracked output (outs and cached-false metrics) holds a timing, a date, an absolute
     path or another host fact: two clones of the repo in different directories, running `dvc repro` on a
     tiny profile (8 users, the real embedded teacher on 8 samples), must record the same hash for every
-    output. Any difference other than the teacher manifest's dates and mtimes (the expected failure until
-    pipeline/store.py drops them) is a hard failure naming the files and JSON keys."""
+    output; a difference is reported naming the files and JSON keys. (Before the teacher manifest lost its
+    `created`/`updated` dates and shard `mtime_ns`, this failed on data/teacher/manifest.json alone.)"""
     files = _tracked_files()
     a, b = tmp_path / "clone_a", tmp_path / "clone_b"
     _clone(a, files)
     _clone(b, files, src=a)  # both from one snapshot: the working tree may change while the test runs
     locks = [_repro(a), _repro(b)]
     diffs = _differing_files(a, b)
-    unexpected = _unexpected(diffs)
-    assert not unexpected, f"DVC-tracked outputs differ between two clean clones: {unexpected}"
-    assert diffs or locks[0] == locks[1], "dvc.lock files differ although every tracked output is identical"
-    if diffs:
-        pytest.fail(f"dvc.lock differs between two clean clones, through the teacher manifest only: {diffs}")
+    assert not diffs, f"DVC-tracked outputs differ between two clean clones: {diffs}"
+    assert locks[0] == locks[1], "dvc.lock files differ although every tracked output is identical"
 
 
 # Choices made on validation: the benchmark scripts that pick a setting rank on validation, never test.
