@@ -56,9 +56,11 @@ def run_one(a: argparse.Namespace) -> dict:
 
         teacher = VLLMTeacher(VLLMConfig(location, dtype=a.dtype, batch_size=a.batch_size, threads=a.threads,
                                          prefix_caching=a.prefix_caching))
-    ids, ident = prompts_for(a.prepared, a.candidates, a.n, teacher.tokenizer)
+    ids, ident = prompts_for(a.prepared, a.candidates, a.n + 4, teacher.tokenizer)
+    # warm-up on 4 samples outside the timed set: a prefix cache must not hold the timed prompts whole
+    ids, warm = ids[:a.n], ids[a.n:]
     budget = {"max_new_tokens": a.max_new_tokens} if a.mode == "generate" else {}
-    teacher.run(ids[:4], ident, a.mode, **budget)  # warm-up; starts vLLM's engine(s)
+    teacher.run(warm, ident, a.mode, **budget)  # warm-up; starts vLLM's engine(s)
     load_s = time.perf_counter() - t0
     starts_before = len(getattr(getattr(teacher, "engines", None), "starts", []))
     t = time.perf_counter()
@@ -112,7 +114,7 @@ def main() -> None:
         print("RESULT " + json.dumps(run_one(a)), flush=True)
         return
     work = Path(tempfile.mkdtemp(prefix="bench_vllm-"))
-    prepared, candidates = prepare_inputs(work, max(a.samples, a.gen_samples))
+    prepared, candidates = prepare_inputs(work, max(a.samples, a.gen_samples) + 4)
     load_before = os.getloadavg()
     results = []
     for spec in a.configs.split(","):

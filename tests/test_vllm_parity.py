@@ -27,8 +27,8 @@ pytestmark = [pytest.mark.vllm, pytest.mark.teacher,
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")]
 
 SCORE_TOL_FP32 = 1e-3  # |score_vllm - score_hf| on logits of size ~30; measured 3.1e-5
-BF16_MIN_COS = 0.99
-BF16_SCORE_TOL = 1.0
+BF16_MIN_COS = 0.999  # measured 0.999886 (20 rows)
+BF16_SCORE_TOL = 1.0  # measured 0.318 on logits of size ~30; top-1 agreed on 20 of 20
 GEN_BUDGET = 40
 
 
@@ -82,6 +82,12 @@ def vl32(source):
     teacher.close()
 
 
+def store_config(backend: str, mode: str) -> DumpConfig:
+    # generate mode in one shard: a vLLM shard costs one engine switch (pooling <-> generate)
+    return DumpConfig(backend=backend, mode=mode, shard_rows=8 if mode == "first-token" else 20,
+                      max_new_tokens=GEN_BUDGET)
+
+
 def facts(teacher) -> dict:
     return {"name": "smollm2", "revision": "test", "hidden_size": teacher.hidden_size, "dtype": teacher.dtype_name}
 
@@ -90,8 +96,8 @@ def facts(teacher) -> dict:
 def prompts(inputs, tmp_path_factory, hf32):
     """The rendered prompts of the 20 samples (from a first-token HF store) and the identifier token ids."""
     root = tmp_path_factory.mktemp("hfstore")
-    run_dump(DumpConfig(backend="hf", shard_rows=8), inputs, hf32, facts(hf32), root / "ft")
-    df = pl.read_parquet(root / "ft" / "*.parquet").sort("sample_id")
+    run_dump(store_config("hf", "first-token"), inputs, hf32, facts(hf32), root / "hf-first-token")
+    df = pl.read_parquet(root / "hf-first-token" / "*.parquet").sort("sample_id")
     ids = [hf32.tokenizer.encode(t, add_special_tokens=False) for t in df["prompt"]]
     return ids, identifier_token_ids(make_scheme("letters", inputs.k), hf32.tokenizer), root
 
@@ -123,8 +129,10 @@ def stores(inputs, prompts, hf32, vl32, first_token32):
     out = {}
     for name, teacher in (("hf", hf32), ("vllm", vl32)):
         for mode in ("first-token", "generate"):
-            cfg = DumpConfig(backend=name, mode=mode, shard_rows=8, max_new_tokens=GEN_BUDGET)
-            run_dump(cfg, inputs, teacher, facts(teacher), root / f"{name}-{mode}")
+            if (root / f"{name}-{mode}").exists():  # the HF first-token store, written by `prompts`
+                out[name, mode] = root / f"{name}-{mode}"
+                continue
+            run_dump(store_config(name, mode), inputs, teacher, facts(teacher), root / f"{name}-{mode}")
             out[name, mode] = root / f"{name}-{mode}"
     return out
 
@@ -139,7 +147,7 @@ def test_stores_differ_only_in_backend_and_noise(stores):
         sa, sb = ma["settings"], mb["settings"]
         assert (sa.pop("backend"), sb.pop("backend")) == ("hf", "vllm")
         assert sa == sb
-        assert ma["backend_dtype"] == mb["backend_dtype"] == "float32"
+        assert ma["run"]["backend_dtype"] == mb["run"]["backend_dtype"] == "float32"
         da, db = (pl.read_parquet(p / "*.parquet").sort("sample_id") for p in (a, b))
         same = ["sample_id", "user_idx", "position", "target", "candidates", "prompt_tokens", "truncated", "prompt"]
         assert da.select(same).equals(db.select(same))
