@@ -120,3 +120,44 @@ def test_config_refuses_what_it_cannot_train_with(kw, message):
     with pytest.raises(UsageError) as e:
         DistillConfig(**kw)
     assert str(e.value) == message
+
+
+# ---------------------------------------------------------------- the objective on a hand-made store
+
+import torch  # noqa: E402
+
+from pipeline.distill import DistillObjective, open_teacher_store  # noqa: E402
+from pipeline.prepared import load_prepared  # noqa: E402
+from pipeline.sasrec import SASRec, SasrecConfig  # noqa: E402
+from pipeline.sequences import left_pad  # noqa: E402
+from tests.distill_helpers import cluster_world, hand_rows, write_teacher_store, write_world  # noqa: E402
+
+ROWS = [{"user_idx": 0, "position": 3, "candidates": [1, 2, 3], "ranking": [2, 0, 1], "scores": [0.1, 0.2, 0.9]},
+        {"user_idx": 1, "position": 4, "candidates": [4, 5, 6], "ranking": [0, 1, 2], "scores": [0.5, 0.3, 0.1]},
+        {"user_idx": 2, "position": 5, "candidates": [7, 8, 9], "ranking": [1, 2, 0], "scores": [0.0, 0.8, 0.4]}]
+
+
+def _objective(tmp_path: Path, rows, **cfg):
+    world = cluster_world(n_users=6, length=8, n_items=20, n_clusters=4, seed=0)
+    write_world(tmp_path / "prepared", world)
+    prepared = load_prepared(tmp_path / "prepared")
+    write_teacher_store(tmp_path / "store", hand_rows(world["train"], rows), prepared_fingerprint=prepared.fingerprint)
+    shards = list(open_teacher_store(tmp_path / "store", prepared).shard_paths)
+    cfg = {"teacher_batch_size": len(rows), "buffer_rows": len(rows), **cfg}
+    return DistillObjective(DistillConfig(**cfg), prepared, shards, 8, 8), prepared
+
+
+def test_logs_are_the_documented_collapse_check(tmp_path: Path):
+    """Fails if a logged name changes or u_norm is not the mean per-user norm of u_sas (the collapse
+    check reads these numbers every step)."""
+    obj, prepared = _objective(tmp_path, ROWS)
+    torch.manual_seed(0)
+    model = SASRec(SasrecConfig(n_items=20, hidden=8, n_heads=2, inner=16, max_len=8)).eval()
+    _, logs = obj.loss(model, 0)
+    assert set(logs) == {"l_rank", "l_emb", "u_norm", "proj_norm", "u_spread", "proj_spread"}
+    hist = left_pad([prepared.train[r["user_idx"]][max(0, r["position"] - 8):r["position"]] for r in ROWS], 8)
+    with torch.no_grad():
+        u = model.user_embedding(hist)
+    assert logs["u_norm"] == pytest.approx(float(u.norm(dim=1).mean()), rel=1e-5)
+    assert logs["u_spread"] == pytest.approx(float(u.std(dim=0).mean()), rel=1e-5)
+
