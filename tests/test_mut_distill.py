@@ -161,3 +161,48 @@ def test_logs_are_the_documented_collapse_check(tmp_path: Path):
     assert logs["u_norm"] == pytest.approx(float(u.norm(dim=1).mean()), rel=1e-5)
     assert logs["u_spread"] == pytest.approx(float(u.std(dim=0).mean()), rel=1e-5)
 
+
+
+def test_end_epoch_means_are_per_step(tmp_path: Path):
+    """Fails if end_epoch divides the summed logs by anything but the number of steps taken."""
+    obj, _ = _objective(tmp_path, ROWS)
+    torch.manual_seed(0)
+    model = SASRec(SasrecConfig(n_items=20, hidden=8, n_heads=2, inner=16, max_len=8)).eval()
+    seen = [obj.loss(model, step)[1]["l_emb"] for step in range(2)]
+    assert obj.end_epoch()["l_emb"] == pytest.approx(sum(seen) / 2, rel=1e-6)
+
+
+def test_projector_starts_like_a_linear_layer(tmp_path: Path):
+    """Fails if the seeded projector init leaves U(-1/sqrt(H), 1/sqrt(H)) for the weight or the bias."""
+    obj, _ = _objective(tmp_path, ROWS)
+    bound = 1 / np.sqrt(obj.teacher_width)
+    for p in (obj.projector.weight, obj.projector.bias):
+        assert float(p.abs().max()) <= bound and float(p.min()) < 0 < float(p.max())
+
+
+def test_matching_candidates_are_accepted_and_a_mismatch_says_what_to_pass(tmp_path: Path):
+    """Fails if a store made from the given candidates file is refused (the fingerprint read from the
+    wrong settings key), or the refusal of other data stops saying what to pass."""
+    from pipeline.candidates import write_candidates
+
+    world = cluster_world(n_users=6, length=8, n_items=20, n_clusters=4, seed=0)
+    write_world(tmp_path / "prepared", world)
+    prepared = load_prepared(tmp_path / "prepared")
+    cands = tmp_path / "candidates.parquet"
+    fp = write_candidates(cands, np.array([0]), np.array([3]), np.array([world["train"][0][3]]),
+                          np.array([[1, 2, 3]]), np.zeros((1, 3), np.float32), {"prepared_fingerprint": "x"})
+    write_teacher_store(tmp_path / "store", hand_rows(world["train"], ROWS[:1]),
+                        prepared_fingerprint=prepared.fingerprint, candidates_fingerprint=fp)
+    assert open_teacher_store(tmp_path / "store", prepared, candidates=cands).n_rows == 1
+    other = SimpleNamespace(fingerprint="f" * 64, train=prepared.train)
+    with pytest.raises(UsageError) as e:
+        open_teacher_store(tmp_path / "store", other)
+    assert str(e.value).endswith(". Pass the --prepared (and --candidates) it was made from, or rerun "
+                                 "`gedistill teacher-dump` on this data.")
+
+
+def test_a_bad_user_in_a_one_user_dataset_is_named(tmp_path: Path):
+    """Fails if a row naming a user that does not exist crashes (IndexError) instead of being refused."""
+    path = _rows_file(tmp_path / "s.parquet", [(0, 3, 1, 6)])
+    with pytest.raises(UsageError, match=r"teacher sample 0 \(user_idx 3, position 1, target 6\) is not an item"):
+        check_rows_against_training([path], SimpleNamespace(train=[np.array([5, 6, 7])]))
