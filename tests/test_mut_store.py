@@ -364,3 +364,19 @@ def test_merge_does_not_rehash_the_shards_it_copied(tmp_path: Path, monkeypatch)
     monkeypatch.setattr(store_mod, "sha256_file", lambda p: calls.append(p) or real(p))
     assert merge_stores(tmp_path / "out", parts)["complete"]
     assert calls == []
+
+
+def test_merge_refuses_sources_with_different_settings_and_records_its_sources(tmp_path: Path):
+    """Fails if stores made with different settings are merged, the refusal stops naming the fingerprints,
+    or the merged manifest does not record where its shards came from."""
+    parts = _workers(tmp_path)
+    other = tmp_path / "other"
+    run_dump(DumpConfig(shard_rows=3, seed=7, num_workers=2, worker_index=1),
+             load_inputs(*make_inputs(tmp_path / "in")), FakeBackend(), FAKE_TEACHER, other)
+    fps = sorted(json.loads((p / MANIFEST).read_text())["fingerprint"][:12] for p in (parts[0], other))
+    with pytest.raises(UsageError) as e:
+        merge_stores(tmp_path / "bad", [parts[0], other])
+    assert str(e.value) == f"the sources were made with different settings (fingerprints {fps}); they cannot be merged"
+    merged = merge_stores(tmp_path / "out", parts)
+    assert merged["run"]["merged_from"] == [str(p) for p in parts]
+    assert json.loads((tmp_path / "out" / MANIFEST).read_text())["run"]["merged_from"] == [str(p) for p in parts]
