@@ -30,13 +30,15 @@ def teacher_dump(
     mode: Annotated[Literal["first-token", "generate"], typer.Option(
         help="first-token: one prefill, ranking = order of the identifier logits. generate: greedy ranking text, "
              "parsed leniently.")] = "first-token",
-    backend: Annotated[Literal["hf", "vllm"], typer.Option(
-        help="hf: transformers (tested). vllm: first-token mode via vLLM's pooling runner (untested here).")] = "hf",
+    backend: Annotated[Literal["auto", "hf", "vllm"], typer.Option(
+        help="auto: vllm on a CUDA machine where it is installed, else hf. hf: transformers. vllm: vLLM engines "
+             "(docs/VLLM.md), both modes.")] = "auto",
     dtype: Annotated[Literal["auto", "bfloat16", "float32", "float16"], typer.Option(
         help="Compute dtype. auto: bfloat16 where the CPU flags list avx512_bf16/amx_bf16, else by a cached "
              "bf16-vs-fp32 matmul probe; bfloat16 on GPUs that support it. float16 is refused on a CPU.")] = "auto",
-    batch_size: Annotated[int, typer.Option(min=1, help="hf: prompts per forward pass (length-sorted, left-padded). "
-                                                       "vllm schedules its own batches.")] = HF_BATCH_SIZE,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="hf: prompts per forward pass (length-sorted, "
+                                                              "left-padded; default 8). vllm: max sequences per "
+                                                              "scheduler step (default: vLLM's).")] = None,
     history_len: Annotated[int, typer.Option(min=0, help="Most recent history items shown to the teacher.")] = 10,
     max_prompt_tokens: Annotated[int | None, typer.Option(
         min=16, help="Prompt budget; older history is dropped to fit. Default: the model's context.")] = None,
@@ -55,8 +57,11 @@ def teacher_dump(
     num_workers: Annotated[int, typer.Option(min=1, help="Split the shards among W independent runs.")] = 1,
     worker_index: Annotated[int, typer.Option(min=0, help="Which of the W runs this is (0..W-1).")] = 0,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N samples (smoke runs).")] = None,
-    threads: Annotated[int, typer.Option(min=0, help="hf: torch threads; 0 = torch's default. vllm: set "
-                                                    "VLLM_CPU_OMP_THREADS_BIND instead.")] = 0,
+    threads: Annotated[int, typer.Option(min=0, help="torch threads; 0 = torch's default. vllm on a CPU: its "
+                                                    "worker's threads, bound to the first N CPUs (0 = all).")] = 0,
+    tensor_parallel_size: Annotated[int, typer.Option(min=1, help="vllm on GPUs: tensor-parallel ranks.")] = 1,
+    gpu_memory_utilization: Annotated[float | None, typer.Option(
+        min=0.05, max=1.0, help="vllm on a GPU: fraction of its memory for the engine (default: vLLM's).")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own code (off unless you trust it).")] = False,
     replace_mismatched: Annotated[bool, typer.Option(
         help="If --out holds a store made with other settings, delete it (with a warning) instead of refusing. "
@@ -65,15 +70,12 @@ def teacher_dump(
     """Rank each candidate set with the teacher; store h_dec, identifier scores and the ranking as Parquet shards."""
     if worker_index >= num_workers:
         raise UsageError(f"--worker-index must be below --num-workers ({num_workers}), got {worker_index}")
-    if backend == "vllm" and mode != "first-token":
-        raise UsageError("--backend vllm does first-token mode only; use --backend hf for --mode generate")
-    if backend == "vllm":
-        # vLLM batches by its own scheduler and runs the model in spawned workers: neither option
-        # would reach it, so taking them would be accepting and ignoring them.
-        ignored = [f for f, on in (("--batch-size", batch_size != HF_BATCH_SIZE), ("--threads", threads != 0)) if on]
-        if ignored:
-            raise UsageError(f"{' and '.join(ignored)} apply to --backend hf only: vLLM schedules its own batches and "
-                             "its workers take threads from VLLM_CPU_OMP_THREADS_BIND; drop them")
+    if backend == "auto":
+        from pipeline.teacher.vllm_engine import auto_backend
+
+        backend = auto_backend()
+    if backend == "hf" and (tensor_parallel_size != 1 or gpu_memory_utilization is not None):
+        raise UsageError("--tensor-parallel-size and --gpu-memory-utilization apply to --backend vllm only")
     cfg = DumpConfig(mode=mode, backend=backend, history_len=history_len, max_prompt_tokens=max_prompt_tokens, identifiers=identifiers,
                      template=template, candidate_order=candidate_order, seed=seed, h_dec_dtype=h_dec_dtype,
                      store_prompt=store_prompt, max_new_tokens=max_new_tokens, shard_rows=shard_rows,
@@ -93,15 +95,23 @@ def teacher_dump(
     if backend == "vllm":
         from pipeline.teacher.vllm_backend import VLLMConfig, VLLMTeacher
 
-        model = VLLMTeacher(VLLMConfig(source.location, dtype=dtype, trust_remote_code=trust_remote_code))
+        model = VLLMTeacher(VLLMConfig(source.location, dtype=dtype, batch_size=batch_size, threads=threads,
+                                       tensor_parallel_size=tensor_parallel_size,
+                                       gpu_memory_utilization=gpu_memory_utilization,
+                                       max_new_tokens=max_new_tokens or 4 * inputs.k,
+                                       trust_remote_code=trust_remote_code))
     else:
         from pipeline.teacher.hf_backend import HFConfig, HFTeacher
 
-        model = HFTeacher(HFConfig(source.location, dtype=dtype, batch_size=batch_size,
+        model = HFTeacher(HFConfig(source.location, dtype=dtype, batch_size=batch_size or HF_BATCH_SIZE,
                                    max_new_tokens=max_new_tokens or 4 * inputs.k, trust_remote_code=trust_remote_code))
     facts = {"name": source.name, "revision": model.revision or source.revision,
              "hidden_size": model.hidden_size, "dtype": model.dtype_name}
-    report = _run_with_progress(cfg, inputs, model, facts, out)
+    try:
+        report = _run_with_progress(cfg, inputs, model, facts, out)
+    finally:
+        if hasattr(model, "close"):  # vLLM: shut its engine process down before the report
+            model.close()
     _print_report(report, cfg)
 
 

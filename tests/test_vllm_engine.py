@@ -194,3 +194,24 @@ def test_gpu_only_settings_refused_before_loading(tmp_path, clean_env):
         pytest.skip("a GPU machine accepts it")
     with pytest.raises(UsageError, match="VLLM_CPU_KVCACHE_SPACE"):
         VLLMTeacher(VLLMConfig(str(tmp_path), dtype="float32", gpu_memory_utilization=0.5))
+
+
+def test_generated_row_whose_engines_disagree_is_no_decision(tmp_path):
+    """Fails if a vLLM row whose generated first identifier is not the pooling state's top identifier
+    (`decision_agrees` False: the two engines' numerics split) is stored as a decision state."""
+    import polars as pl
+
+    from pipeline.teacher.dump import DumpConfig, load_inputs, run_dump
+    from tests.teacher_fixtures import FAKE_TEACHER, FakeBackend, make_inputs
+
+    class Split(FakeBackend):
+        def run(self, prompts, ident_ids, mode, progress=None, max_new_tokens=None):
+            out = super().run(prompts, ident_ids, mode, progress, max_new_tokens)
+            out.decision_agrees = np.array([i % 2 == 0 for i in range(len(prompts))])
+            return out
+
+    clean = "C] > [A] > [B] > [D] > [E] > [F] > [G] > [H]"
+    run_dump(DumpConfig(mode="generate", shard_rows=4), load_inputs(*make_inputs(tmp_path / "in")), Split([clean]),
+             FAKE_TEACHER, tmp_path / "s")
+    df = pl.read_parquet(tmp_path / "s" / "*.parquet").sort("sample_id")
+    assert df["status"].value_counts().sort("status").rows() == [("no_decision", 5), ("ok", 5)]  # every second row of each shard

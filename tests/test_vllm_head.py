@@ -65,9 +65,7 @@ def test_checkpoint_head_gives_the_models_logits(kind, tmp_path):
         assert b is not None and head.bias_name == "lm_head.bias"
 
 
-@pytest.mark.parametrize("kind", [
-    *(pytest.param(k, marks=pytest.mark.xfail(strict=True, reason="HF backend ignores scale/soft-cap: fix pending"))
-      for k in ("gemma2", "cohere", "granite")), "phi"])
+@pytest.mark.parametrize("kind", ["gemma2", "cohere", "granite", "phi"])
 def test_hf_backend_scores_are_the_models_logits(kind, tmp_path):
     """Fails if the HF backend's identifier scores skip the soft-capping or the logit scale (before the
     fix it applied only weight and bias: Gemma 2, Cohere and Granite scores were not their logits)."""

@@ -244,6 +244,11 @@ def _table(rows: pl.DataFrame, prompts: list[Any], shown: list[np.ndarray], resu
             raise RuntimeError("the backend's generate mode must report each row's first generated token and "
                                "whether the budget stopped it (first_ids, hit_budget)")
         is_ident = np.isin(np.asarray(first), ident_ids)
+        # vLLM's generate and pooling engines are two: where the first generated identifier is not the
+        # pooling state's top identifier, the stored h_dec is not the state that made the decision
+        agrees = getattr(result, "decision_agrees", None)
+        if agrees is not None:
+            is_ident &= np.asarray(agrees, dtype=bool)
     for j in range(n):
         if cfg.mode == "generate":
             text = DECISION_SUFFIX + result.generated[j]  # the answer as the model wrote it, from its '['

@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.teacher.dtype_choice import choose_dtype
+from pipeline.teacher.head import identifier_scores, logit_transform, text_config
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,10 @@ class HFTeacher:
         ).to(self.device).eval()
         self.base = self.model.base_model
         self.head = self.model.get_output_embeddings()
-        self.hidden_size = int(self.model.config.hidden_size)
-        self.context_length = int(getattr(self.model.config, "max_position_embeddings", 4096))
+        text = text_config(self.model.config)  # a multimodal wrapper keeps these in text_config
+        self.hidden_size = int(text.hidden_size)
+        self.context_length = int(getattr(text, "max_position_embeddings", 4096))
+        self.transform = logit_transform(self.model.config)  # logit scale / soft-capping, as the model applies them
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
         eos = eos if eos is not None else self.tokenizer.eos_token_id
@@ -86,12 +89,11 @@ class HFTeacher:
         return ids.to(self.device), mask.to(self.device), pos.to(self.device)
 
     def _ident_scores(self, h: torch.Tensor, ident_ids: list[int]) -> torch.Tensor:
-        """lm_head(h) at the identifier tokens, in float32: [B, H] -> [B, K]."""
-        w = self.head.weight[ident_ids].float()  # [K, H]
-        s = h.float() @ w.T
-        if getattr(self.head, "bias", None) is not None:
-            s = s + self.head.bias[ident_ids].float()
-        return s
+        """The model's logits at the identifier tokens, in float32: [B, H] -> [B, K] (the same function
+        as the vLLM backend's: bias, logit scale and final soft-capping included)."""
+        bias = getattr(self.head, "bias", None)
+        return identifier_scores(h, self.head.weight[ident_ids], None if bias is None else bias[ident_ids],
+                                 self.transform)
 
     @torch.inference_mode()
     def run(self, prompts: list[list[int]], ident_ids: list[int], mode: Mode = "first-token",

@@ -16,6 +16,7 @@ Engine-building scripts need an `if __name__ == "__main__":` guard (the CPU work
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,9 @@ class VLLMTeacher:
                                   cfg.enforce_eager, cfg.trust_remote_code)
         engine_kwargs(settings, "generate", 1)  # refuses GPU-only settings on a CPU now, not at the first shard
         self.environment = prepare_environment(settings)
+        # vLLM's loggers propagate to ours: its INFO lines (logged at import, before it configures
+        # itself from VLLM_LOGGING_LEVEL) would otherwise reach the user's terminal
+        logging.getLogger("vllm").setLevel(os.environ.get("VLLM_LOGGING_LEVEL", "ERROR").upper())
         try:
             import vllm  # noqa: F401  (after prepare_environment: vLLM reads its log level at import)
         except ImportError as e:
