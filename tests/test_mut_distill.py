@@ -176,7 +176,7 @@ def test_projector_starts_like_a_linear_layer(tmp_path: Path):
     """Fails if the seeded projector init leaves U(-1/sqrt(H), 1/sqrt(H)) for the weight or the bias."""
     obj, _ = _objective(tmp_path, ROWS)
     bound = 1 / np.sqrt(obj.teacher_width)
-    for p in (obj.projector.weight, obj.projector.bias):
+    for p in (obj.projector.weight.detach(), obj.projector.bias.detach()):
         assert float(p.abs().max()) <= bound and float(p.min()) < 0 < float(p.max())
 
 
