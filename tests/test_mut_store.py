@@ -380,3 +380,15 @@ def test_merge_refuses_sources_with_different_settings_and_records_its_sources(t
     merged = merge_stores(tmp_path / "out", parts)
     assert merged["run"]["merged_from"] == [str(p) for p in parts]
     assert json.loads((tmp_path / "out" / MANIFEST).read_text())["run"]["merged_from"] == [str(p) for p in parts]
+
+
+def test_verify_names_a_newer_schema_and_a_shard_listed_twice(store: Path):
+    """Fails if verify_store's problems stop naming the manifest's schema version, or a shard the
+    manifest lists twice (as opposed to one outside the layout)."""
+    good = json.loads((store / MANIFEST).read_text())
+    newer = {**good, "schema_version": 2}
+    (store / MANIFEST).write_text(json.dumps(newer))
+    assert verify_store(store) == [f"{MANIFEST}: schema version 2, expected 1"]
+    twice = {**good, "shards": good["shards"] + good["shards"][:1]}
+    (store / MANIFEST).write_text(json.dumps(twice))
+    assert f"{MANIFEST}: lists {good['shards'][0]['name']} twice" in verify_store(store)
