@@ -102,7 +102,7 @@ def _configure(dest: Path, targets: list[str], tests: list[str]) -> list[str]:
         'also_copy = ["stages"]\n'
         'process_isolation = "forkserver"\n'
         f"only_mutate = {json.dumps(targets)}\n"
-        'pytest_add_cli_args = ["-m", "not teacher and not slow", "-p", "no:cacheprovider", "--hypothesis-seed=0"]\n'
+        'pytest_add_cli_args = ["-m", "not teacher and not slow and not vllm", "-p", "no:cacheprovider", "--hypothesis-seed=0"]\n'
         f"pytest_add_cli_args_test_selection = {json.dumps(present)}\n"
     )
     (dest / "pyproject.toml").write_text(text)

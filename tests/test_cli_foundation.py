@@ -157,12 +157,13 @@ def test_calibrate_on_a_first_token_store_runs(tmp_path: Path):
                 *TINY, "--out", str(tmp_path / "s"), "--metrics", str(tmp_path / "s.json")]) == 0
 
 
-@pytest.mark.parametrize("option", [("--batch-size", "4"), ("--threads", "1")])
-def test_vllm_backend_refuses_hf_only_options(option, tmp_path: Path, capsys):
-    """Fails if `teacher-dump --backend vllm` accepts --batch-size/--threads, which never reach vLLM."""
-    assert run(["teacher-dump", "--backend", "vllm", "--prepared", str(tmp_path / "none"), *option]) == 2
+@pytest.mark.parametrize("option", [("--tensor-parallel-size", "2"), ("--gpu-memory-utilization", "0.5")])
+def test_hf_backend_refuses_vllm_only_options(option, tmp_path: Path, capsys):
+    """Fails if `teacher-dump --backend hf` accepts an option only the vLLM engine reads (it would be ignored).
+    (The vLLM backend honours --batch-size and --threads now: tests/test_vllm_engine.py.)"""
+    assert run(["teacher-dump", "--backend", "hf", "--prepared", str(tmp_path / "none"), *option]) == 2
     err = capsys.readouterr().err
-    assert option[0] in err and "--backend hf" in err
+    assert option[0] in err and "vllm" in err
 
 
 def test_history_holds_no_timings_and_identical_runs_are_byte_identical(tmp_path: Path, tiny_csv):

@@ -4,6 +4,7 @@ and two clean clones running `dvc repro` on a tiny profile write identical dvc.l
 from __future__ import annotations
 
 import ast
+import re
 import json
 import os
 import shutil
@@ -193,6 +194,10 @@ TINY_PARAMS = {
     "distill": {"w_rec": 1.0, "w_rank": 1.0, "lambda_emb": 1.0, "emb_loss": "cosine", "teacher_target": "ranking",
                 "teacher_temperature": 1.0, "init": "scratch", "seed": 2020, "threads": 1},
     "evaluate": {"n_boot": 100, "seed": 0},
+    # the tuned profile is not reproduced here (make run does not run it), but dvc.yaml must parse
+    "teacher_tune": {"method": "lora", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "q_proj",
+                     "top_layers": 1, "lr": 0.001, "batch_size": 2, "grad_accum": 1, "epochs": 1, "max_samples": 4,
+                     "holdout_fraction": 0.25, "seed": 0, "threads": 1},
 }
 
 
@@ -222,7 +227,7 @@ def _repro(dest: Path) -> str:
     # PYTHONPATH: the clone runs its own code, not the editable install's working tree
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONPATH": str(dest),
            "GEDISTILL_NO_PROGRESS": "1"}
-    r = subprocess.run([str(bin_dir / "dvc"), "repro"], cwd=dest, env=env, capture_output=True,
+    r = subprocess.run([str(bin_dir / "dvc"), "repro", "evaluate"], cwd=dest, env=env, capture_output=True,
                        text=True, timeout=1200)
     assert r.returncode == 0, f"dvc repro failed in {dest}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return (dest / "dvc.lock").read_text()
@@ -367,3 +372,20 @@ def test_collapse_check_ranks_settings_on_validation():
     rows = [{"setting": "mse", "valid_ndcg@10": 0.05, "test_ndcg@10": 0.20},
             {"setting": "cosine", "valid_ndcg@10": 0.09, "test_ndcg@10": 0.10}]
     assert rank(rows) == ["cosine", "mse"]
+
+
+def test_params_file_defines_every_parameter_the_stages_use():
+    """Fails if a stage's cmd interpolates a `${group.key}` that params.yaml lacks: `dvc repro` then refuses to
+    parse dvc.yaml at all, for every stage (a new profile once broke the two-clone test's tiny params this way)."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for tiny in (False, True):
+        source = TINY_PARAMS if tiny else params
+        missing = []
+        for name, st in dvc_stages().items():
+            for ref in re.findall(r"\$\{([\w.]+)\}", st["cmd"]):
+                node = source
+                for part in ref.split("."):
+                    node = node.get(part) if isinstance(node, dict) else None
+                if node is None and not (ref == "prepare.input"):
+                    missing.append(f"{name}: {ref}")
+        assert not missing, f"{'TINY_PARAMS' if tiny else 'params.yaml'} lacks {missing}"
