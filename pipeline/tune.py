@@ -181,9 +181,19 @@ def load_checkpoint(root: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
     return TuneState(step=s["step"], seen=s["seen"], losses=s["losses"], stopped=s.get("stopped", ""))
 
 
+def compute_region(device: torch.device, dtype: torch.dtype | None):
+    """bf16 autocast for ONE forward pass, with autocast's weight cache off. A region spanning optimizer steps
+    keeps the bf16 copy of each weight cast on first use: the forward then never sees the updated fp32
+    weights (LoRA's B stayed zero in every forward, so a whole CPU run learned nothing)."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None and dtype != torch.float32,
+                          cache_enabled=False)
+
+
 def train(model: torch.nn.Module, examples: list[TuneExample], ident_ids: list[int], pad_id: int, cfg: TuneConfig,
-          out: Path, fingerprint: str, progress: Callable[[TuneState, int], None] | None = None) -> TuneState:
-    """Train `model` (already wrapped by `apply_method`) in place; resumes from `<out>/checkpoint`."""
+          out: Path, fingerprint: str, progress: Callable[[TuneState, int], None] | None = None,
+          compute_dtype: torch.dtype | None = None) -> TuneState:
+    """Train `model` (already wrapped by `apply_method`) in place; resumes from `<out>/checkpoint`.
+    compute_dtype=torch.bfloat16: each forward runs under its own bf16 autocast region (weights stay fp32)."""
     device = next(model.parameters()).device
     order = sample_order(len(examples), cfg)
     per_step = cfg.batch_size * cfg.grad_accum
@@ -211,7 +221,8 @@ def train(model: torch.nn.Module, examples: list[TuneExample], ident_ids: list[i
             torch.manual_seed(cfg.seed * 1_000_003 + state.seen + m)  # dropout: same masks after a resume
             ids, mask, pos = left_pad([examples[i].input_ids for i in idx], pad_id, device)
             labels = torch.tensor([examples[i].label for i in idx], device=device)
-            logits = decision_logits(model, ids, mask, pos, ident_ids)
+            with compute_region(device, compute_dtype):
+                logits = decision_logits(model, ids, mask, pos, ident_ids)
             loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum") / len(chunk)
             loss.backward()
             step_loss += float(loss.detach())
@@ -234,7 +245,7 @@ def train(model: torch.nn.Module, examples: list[TuneExample], ident_ids: list[i
 
 @torch.no_grad()
 def score_examples(model: torch.nn.Module, examples: list[TuneExample], ident_ids: list[int], pad_id: int,
-                   batch_size: int = 8) -> np.ndarray:
+                   batch_size: int = 8, compute_dtype: torch.dtype | None = None) -> np.ndarray:
     """[N, K] identifier logits at the decision position (eval mode), for held-out evaluation."""
     device = next(model.parameters()).device
     was = model.training
@@ -242,6 +253,7 @@ def score_examples(model: torch.nn.Module, examples: list[TuneExample], ident_id
     out = []
     for s in range(0, len(examples), batch_size):
         ids, mask, pos = left_pad([e.input_ids for e in examples[s:s + batch_size]], pad_id, device)
-        out.append(decision_logits(model, ids, mask, pos, ident_ids).cpu().numpy())
+        with compute_region(device, compute_dtype):
+            out.append(decision_logits(model, ids, mask, pos, ident_ids).cpu().numpy())
     model.train(was)
     return np.concatenate(out) if out else np.zeros((0, len(ident_ids)), np.float32)

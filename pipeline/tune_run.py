@@ -177,13 +177,11 @@ def run_tune(cfg: TuneRunConfig, prepared: Path, student: Path, out: Path,
 
     examples = LazyExamples(len(users), make)
     ev, ev_shown, ev_student, ev_users = eval_examples(data, hold_users, retriever, render, cfg.tune.seed)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=choice.dtype == torch.bfloat16)
-    with autocast:
-        zero_shot = score_examples(model, ev, render.ident_ids, pad_id, cfg.eval_batch_size)
+    bf16 = torch.bfloat16 if choice.dtype == torch.bfloat16 else None  # autocast per forward, inside the loop
+    zero_shot = score_examples(model, ev, render.ident_ids, pad_id, cfg.eval_batch_size, compute_dtype=bf16)
     wrapped = apply_method(model, cfg.tune)
-    with autocast:
-        state = train(wrapped, examples, render.ident_ids, pad_id, cfg.tune, out, fp, progress=progress)
-        tuned = score_examples(wrapped, ev, render.ident_ids, pad_id, cfg.eval_batch_size)
+    state = train(wrapped, examples, render.ident_ids, pad_id, cfg.tune, out, fp, progress=progress, compute_dtype=bf16)
+    tuned = score_examples(wrapped, ev, render.ident_ids, pad_id, cfg.eval_batch_size, compute_dtype=bf16)
 
     if cfg.tune.method == "lora":
         atomic_save_dir(out / "adapter", lambda d: wrapped.save_pretrained(d))

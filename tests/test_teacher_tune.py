@@ -316,3 +316,21 @@ def test_installed_teacher_tune_refuses_missing_inputs_with_exit_2(tmp_path: Pat
     assert r.returncode == 2, r.stderr
     assert "prepare" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "tuned").exists()
+
+
+def test_lora_learns_under_bf16_and_the_tuned_scores_move(tmp_path: Path):
+    """Fails if bf16 autocast spans optimizer steps (one region around the loop): autocast caches each weight's
+    bf16 copy, the forward never sees the updated LoRA weights (B stays zero), the loss stays at ln K and the
+    'tuned' scores equal the zero-shot ones exactly. The first CPU profile run on ML-100K did exactly that."""
+    from pipeline.tune import TuneConfig, apply_method, score_examples, train
+
+    cfg = TuneConfig(method="lora", lora_r=8, lora_alpha=16, lora_dropout=0.0, lr=1e-2, batch_size=16,
+                     target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), checkpoint_every=1000)
+    model, held = tiny_llama(), marker_task(50, seed=3)
+    bf16 = torch.bfloat16
+    zero = score_examples(model, held, IDENT, 0, compute_dtype=bf16)
+    wrapped = apply_method(model, cfg)
+    state = train(wrapped, marker_task(960), IDENT, 0, cfg, tmp_path, "fp", compute_dtype=bf16)
+    tuned = score_examples(wrapped, held, IDENT, 0, compute_dtype=bf16)
+    assert np.mean(state.losses[-5:]) < 0.6 * math.log(K)
+    assert np.abs(tuned - zero).max() > 0.1
