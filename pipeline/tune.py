@@ -79,12 +79,12 @@ def decision_logits(causal_lm: torch.nn.Module, ids: torch.Tensor, mask: torch.T
     """[B, K] identifier logits at the last (decision) position of left-padded prompts, in float32."""
     base = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else causal_lm.model
     h = base(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state[:, -1, :]
+    from pipeline.teacher.head import identifier_scores, logit_transform  # the one head function of both backends
+
     head = causal_lm.get_output_embeddings()
+    bias = head.bias[ident_ids] if getattr(head, "bias", None) is not None else None
     with torch.autocast(h.device.type, enabled=False):  # the K logits in float32 even under bf16 autocast
-        s = h.float() @ head.weight[ident_ids].float().T
-        if getattr(head, "bias", None) is not None:
-            s = s + head.bias[ident_ids].float()
-    return s
+        return identifier_scores(h, head.weight[ident_ids], bias, logit_transform(causal_lm.config))
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
