@@ -3,6 +3,11 @@
 The rendered prompt ends with the assistant header plus `[` (DESIGN.md point 1), so the next token
 the model emits is the identifier of its top candidate and the last prompt position is the decision
 state. History that does not fit the context is dropped oldest-first and the truncation is flagged.
+
+A tokenizer without a chat template (a base model, as LlamaRec tunes) gets the same template as plain
+text (`plain_text`): the sections separated by blank lines, then `Answer:` on its own line and `[`
+on the next, after the tokenizer's BOS where it adds one. Which rendering a tokenizer gets is
+`prompt_format(tokenizer)`.
 """
 
 from __future__ import annotations
@@ -101,6 +106,28 @@ def _messages(template: PromptTemplate, history: list[str], candidates: list[str
     return msgs
 
 
+PLAIN_ANSWER = "Answer:\n"
+
+
+def prompt_format(tokenizer: Any) -> str:
+    """'chat' when the tokenizer can render a chat, 'plain' for an HF tokenizer whose chat_template is None."""
+    return "plain" if hasattr(tokenizer, "chat_template") and tokenizer.chat_template is None else "chat"
+
+
+def _bos_text(tokenizer: Any) -> str:
+    """The BOS token's text when the tokenizer adds one by default (Llama, Gemma), else '' (GPT-2 style)."""
+    bos, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
+    if not bos or bos_id is None:
+        return ""
+    with_special = tokenizer.encode("x", add_special_tokens=True)
+    return bos if with_special and with_special[0] == bos_id else ""
+
+
+def plain_text(messages: list[dict[str, str]], bos: str = "") -> str:
+    """The chat as plain text for a model without a chat template; `render_prompt` appends the '['."""
+    return bos + "\n\n".join(m["content"] for m in messages) + "\n\n" + PLAIN_ANSWER
+
+
 def render_prompt(
     template: PromptTemplate,
     tokenizer: ChatTokenizer,
@@ -114,11 +141,16 @@ def render_prompt(
     if len(candidates) != scheme.k:
         raise ValueError(f"{len(candidates)} candidates but the scheme has {scheme.k} identifiers")
 
+    plain = prompt_format(tokenizer) == "plain"
+    bos = _bos_text(tokenizer) if plain else ""
+
     def build(n_keep: int) -> tuple[str, list[int]]:
         kept = history[len(history) - n_keep :] if n_keep else []
-        chat = tokenizer.apply_chat_template(
-            _messages(template, kept, candidates, scheme), tokenize=False, add_generation_prompt=True
-        )
+        messages = _messages(template, kept, candidates, scheme)
+        if plain:
+            chat = plain_text(messages, bos)
+        else:
+            chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         text = chat + DECISION_SUFFIX
         return text, tokenizer.encode(text, add_special_tokens=False)
 
@@ -144,7 +176,8 @@ def render_prompt(
         n_keep, text, ids = best
     if ids[-1] != open_bracket_id:
         raise UsageError(
-            "the rendered prompt does not end with a separate '[' token (the tokenizer merged it with the assistant "
-            "header); the decision position would be wrong for this model"
+            "the rendered prompt does not end with a separate '[' token (the tokenizer merged it with the "
+            + ("'Answer:' line of the plain-text rendering" if plain else "assistant header")
+            + "); the decision position would be wrong for this model"
         )
     return RenderedPrompt(text=text, input_ids=ids, n_history=n_keep, truncated=n_keep < len(history))
