@@ -12,12 +12,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from pipeline.errors import UsageError
-from pipeline.teacher.dump import Backend, DumpConfig, DumpInputs, DumpReport, load_inputs, run_dump
+from pipeline.teacher.dump import (HF_BATCH_SIZE, Backend, DumpConfig, DumpInputs, DumpReport,  # noqa: F401
+                                   TeacherOptions, load_backend, load_inputs, run_dump)
 from stages.outputs import ensure_writable
 
 log = logging.getLogger(__name__)
-
-HF_BATCH_SIZE = 8
 
 
 def teacher_dump(
@@ -66,11 +65,29 @@ def teacher_dump(
     replace_mismatched: Annotated[bool, typer.Option(
         help="If --out holds a store made with other settings, delete it (with a warning) instead of refusing. "
              "The DVC pipeline uses this: DVC keeps the old store in its cache.")] = False,
+    ray: Annotated[bool, typer.Option("--ray", help="Run on a Ray cluster (docs/RAY.md): a pool of actors, each loading "
+                                                    "the teacher once, one task per shard; the store is the one a "
+                                                    "single run writes. Without RAY_ADDRESS: a local cluster.")] = False,
+    ray_address: Annotated[str | None, typer.Argument(
+        metavar="[RAY_ADDRESS]", show_default=False,
+        help="With --ray: the cluster to join (HOST:PORT of its head, `auto`, or ray://HOST:PORT); "
+             "none = start a local cluster.")] = None,
+    ray_actors: Annotated[int | None, typer.Option(min=1, help="--ray: teacher actors (default: as many as the "
+                                                              "cluster's CPUs / --threads, or GPUs, hold).")] = None,
+    ray_gpus_per_actor: Annotated[float | None, typer.Option(
+        min=0.0, help="--ray: GPUs per actor (default: 1, or --tensor-parallel-size, on a cluster with GPUs; "
+                      "else 0).")] = None,
+    ray_max_restarts: Annotated[int | None, typer.Option(
+        min=0, help="--ray: times Ray restarts a dead actor (its unfinished shards are recomputed); default 3.")] = None,
+    ray_cpus: Annotated[int | None, typer.Option(
+        min=1, help="--ray without an address: CPUs of the local cluster (default: all).")] = None,
 ) -> None:
     """Rank each candidate set with the teacher; store h_dec, identifier scores and the ranking as Parquet shards."""
     if worker_index >= num_workers:
         raise UsageError(f"--worker-index must be below --num-workers ({num_workers}), got {worker_index}")
-    if backend == "auto":
+    _check_ray_options(ray, ray_address, num_workers, worker_index, ray_actors, ray_gpus_per_actor,
+                       ray_max_restarts, ray_cpus)
+    if backend == "auto" and not ray:  # with --ray each actor decides on its own machine (and they must agree)
         from pipeline.teacher.vllm_engine import auto_backend
 
         backend = auto_backend()
@@ -84,35 +101,44 @@ def teacher_dump(
     # before the model loads (seconds to minutes): a wrong --out is reported at once
     ensure_writable(out)
 
-    import torch  # stage one only: the LLM stack is imported here, never by the CLI module
+    opts = TeacherOptions(teacher=teacher, backend=backend, dtype=dtype, batch_size=batch_size,
+                          max_new_tokens=max_new_tokens, threads=threads, tensor_parallel_size=tensor_parallel_size,
+                          gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code)
+    if ray:
+        from pipeline.teacher.ray_dump import RayOptions
 
-    from pipeline.teacher.convert import resolve_teacher
-
-    if threads > 0:
-        torch.set_num_threads(threads)
-    source = resolve_teacher(teacher)
-    model: Backend
-    if backend == "vllm":
-        from pipeline.teacher.vllm_backend import VLLMConfig, VLLMTeacher
-
-        model = VLLMTeacher(VLLMConfig(source.location, dtype=dtype, batch_size=batch_size, threads=threads,
-                                       tensor_parallel_size=tensor_parallel_size,
-                                       gpu_memory_utilization=gpu_memory_utilization,
-                                       max_new_tokens=max_new_tokens or 4 * inputs.k,
-                                       trust_remote_code=trust_remote_code))
-    else:
-        from pipeline.teacher.hf_backend import HFConfig, HFTeacher
-
-        model = HFTeacher(HFConfig(source.location, dtype=dtype, batch_size=batch_size or HF_BATCH_SIZE,
-                                   max_new_tokens=max_new_tokens or 4 * inputs.k, trust_remote_code=trust_remote_code))
-    facts = {"name": source.name, "revision": model.revision or source.revision,
-             "hidden_size": model.hidden_size, "dtype": model.dtype_name}
+        ropts = RayOptions(address=ray_address, actors=ray_actors or 0, threads=threads or 1,
+                           gpus_per_actor=ray_gpus_per_actor,
+                           max_restarts=3 if ray_max_restarts is None else ray_max_restarts, local_cpus=ray_cpus)
+        ray_report = _run_ray_with_progress(cfg, inputs, opts, out, ropts)
+        _print_report(ray_report.dump, cfg)
+        _print_ray(ray_report)
+        return
+    # stage one only: the LLM stack is imported by load_backend, never by the CLI module
+    model, facts, _ = load_backend(opts, inputs.k)
     try:
         report = _run_with_progress(cfg, inputs, model, facts, out)
     finally:
         if hasattr(model, "close"):  # vLLM: shut its engine process down before the report
             model.close()
     _print_report(report, cfg)
+
+
+def _check_ray_options(ray: bool, address: str | None, num_workers: int, worker_index: int, *ray_only) -> None:
+    names = ("--ray-actors", "--ray-gpus-per-actor", "--ray-max-restarts", "--ray-cpus")
+    if not ray:
+        if address is not None:
+            raise UsageError(f"unexpected argument {address!r}: a cluster address goes with --ray "
+                             f"(`gedistill teacher-dump --ray {address}`)")
+        given = [n for n, v in zip(names, ray_only) if v is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} apply to --ray only; add --ray or drop them")
+        return
+    if num_workers != 1 or worker_index != 0:
+        raise UsageError("--ray assigns every shard to its actors itself; drop --num-workers/--worker-index "
+                         "(they split the shards among independent runs without Ray)")
+    if address is not None and ray_only[3] is not None:
+        raise UsageError("--ray-cpus sizes a local cluster; a cluster given by address has its own CPUs: drop it")
 
 
 def _run_with_progress(cfg: DumpConfig, inputs: DumpInputs, backend: Backend, facts: dict, out: Path) -> DumpReport:
@@ -127,6 +153,42 @@ def _run_with_progress(cfg: DumpConfig, inputs: DumpInputs, backend: Backend, fa
             bar.update(task, completed=done, total=total, rate=f"{done / elapsed:.2f} samples/s")
 
         return run_dump(cfg, inputs, backend, facts, out, progress=progress)
+
+
+def _run_ray_with_progress(cfg: DumpConfig, inputs: DumpInputs, opts: TeacherOptions, out: Path, ropts):
+    """One bar on the driver across every actor: shards done, samples/s, ETA."""
+    from pipeline.teacher.ray_dump import run_ray_dump
+
+    show = os.environ.get("GEDISTILL_NO_PROGRESS") is None
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[shards]}"),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, disable=not show, transient=False) as bar:
+        task = bar.add_task(f"teacher-dump ({cfg.mode}, ray)", total=None, rate="", shards="")
+
+        def phase(text: str) -> None:
+            bar.update(task, description=f"teacher-dump ({cfg.mode}, ray): {text}")
+
+        def progress(done: int, total: int, shards: int, n_shards: int) -> None:
+            if shards == 0:  # the actors are ready: the clock of the rate starts now
+                bar.reset(task, total=total, description=f"teacher-dump ({cfg.mode}, ray)")
+            elapsed = bar.tasks[task].elapsed or 1e-9
+            bar.update(task, completed=done, total=total, shards=f"shards {shards}/{n_shards}",
+                       rate=f"{done / elapsed:.2f} samples/s")
+
+        return run_ray_dump(cfg, inputs, opts, out, ropts, progress=progress, on_phase=phase)
+
+
+def _print_ray(r) -> None:
+    console = Console()
+    msg = (f"ray: {r.actors} actor(s); cluster {r.connect_s:.1f} s, teacher loaded on every actor in "
+           f"{r.actors_ready_s:.1f} s")
+    if r.shards:
+        over = sorted(t["dispatch_s"] + t["return_s"] for t in r.shards)
+        msg += f"; Ray overhead per shard (median) {over[len(over) // 2] * 1000:.0f} ms"
+    console.print(msg)
+    if r.restarts:
+        console.print(f"[yellow]{r.restarts} actor restart(s): Ray restarted the dead actor(s) and their unfinished "
+                      "shards were recomputed[/yellow]")
 
 
 def _print_report(r: DumpReport, cfg: DumpConfig) -> None:

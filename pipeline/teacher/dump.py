@@ -1,7 +1,9 @@
 """Stage one's loop: teacher samples -> prompts -> backend -> store shards, resumable by shard.
 
 Backend-agnostic: it takes any object with the `Backend` shape (the HF backend, or a fake in tests),
-so this module imports no LLM library.
+so importing this module imports no LLM library (load_backend imports the chosen one when called).
+The unit of work is one shard (compute_shard); the single-process loop (run_dump), the
+--num-workers split and the Ray actor pool (ray_dump) all run it, so their stores are the same bytes.
 """
 
 from __future__ import annotations
@@ -164,10 +166,84 @@ def store_settings(cfg: DumpConfig, inputs: DumpInputs, teacher: dict[str, Any],
     }
 
 
-def run_dump(cfg: DumpConfig, inputs: DumpInputs, backend: Backend, teacher: dict[str, Any], out: Path,
-             progress: Callable[[int, int], None] | None = None) -> DumpReport:
-    """Fill `out` with this worker's missing shards; `progress(done, total)` after every batch."""
-    t0 = time.perf_counter()
+@dataclass(frozen=True)
+class TeacherOptions:
+    """How to load the teacher: the same options for the single-process run and every Ray actor."""
+    teacher: str = "embedded"
+    backend: Literal["auto", "hf", "vllm"] = "hf"
+    dtype: str = "auto"
+    batch_size: int | None = None  # hf: default HF_BATCH_SIZE; vllm: the engine's
+    max_new_tokens: int | None = None  # the backend's default budget; teacher-dump passes its own per run
+    threads: int = 0  # torch threads (vllm on a CPU: its worker's); 0 = torch's default
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float | None = None
+    trust_remote_code: bool = False
+
+
+HF_BATCH_SIZE = 8
+
+
+def load_backend(opts: TeacherOptions, k: int) -> tuple[Backend, dict[str, Any], str]:
+    """Load the teacher once: (backend, teacher facts for the fingerprint, resolved backend name).
+
+    The LLM stack is imported here, lazily: this module stays importable without it."""
+    backend = opts.backend
+    if backend == "auto":
+        from pipeline.teacher.vllm_engine import auto_backend
+
+        backend = auto_backend()
+    import torch
+
+    from pipeline.teacher.convert import resolve_teacher
+
+    if opts.threads > 0:
+        torch.set_num_threads(opts.threads)
+    source = resolve_teacher(opts.teacher)
+    model: Backend
+    if backend == "vllm":
+        from pipeline.teacher.vllm_backend import VLLMConfig, VLLMTeacher
+
+        model = VLLMTeacher(VLLMConfig(source.location, dtype=opts.dtype, batch_size=opts.batch_size,
+                                       threads=opts.threads, tensor_parallel_size=opts.tensor_parallel_size,
+                                       gpu_memory_utilization=opts.gpu_memory_utilization,
+                                       max_new_tokens=opts.max_new_tokens or 4 * k,
+                                       trust_remote_code=opts.trust_remote_code))
+    else:
+        from pipeline.teacher.hf_backend import HFConfig, HFTeacher
+
+        model = HFTeacher(HFConfig(source.location, dtype=opts.dtype, batch_size=opts.batch_size or HF_BATCH_SIZE,
+                                   max_new_tokens=opts.max_new_tokens or 4 * k,
+                                   trust_remote_code=opts.trust_remote_code))
+    facts = {"name": source.name, "revision": getattr(model, "revision", None) or source.revision,
+             "hidden_size": model.hidden_size, "dtype": model.dtype_name}
+    return model, facts, backend
+
+
+@dataclass(frozen=True)
+class DumpPlan:
+    """Everything a shard's computation needs besides the inputs and the backend; the same on every
+    process that loaded the same teacher with the same settings (its spec's fingerprint says so)."""
+    cfg: DumpConfig
+    scheme: IdentifierScheme
+    ident_ids: list[int]
+    open_id: int
+    template: PromptTemplate
+    max_new: int | None
+    max_prompt: int
+    spec: StoreSpec
+    backend_dtype: str
+
+
+@dataclass
+class ShardResult:
+    index: int
+    table: pa.Table
+    status: Counter[str]
+    truncated: int
+    tokens: int
+
+
+def plan_dump(cfg: DumpConfig, inputs: DumpInputs, backend: Backend, teacher: dict[str, Any]) -> DumpPlan:
     scheme = make_scheme(cfg.identifiers, inputs.k)
     ident_ids = identifier_token_ids(scheme, backend.tokenizer)
     open_id = backend.tokenizer.encode(DECISION_SUFFIX, add_special_tokens=False)[0]
@@ -176,6 +252,45 @@ def run_dump(cfg: DumpConfig, inputs: DumpInputs, backend: Backend, teacher: dic
     max_prompt = cfg.max_prompt_tokens or backend.context_length - (max_new or 0)
     settings = store_settings(cfg, inputs, teacher, template, scheme, max_prompt, max_new)
     spec = StoreSpec(settings, inputs.samples.height, cfg.shard_rows, backend.hidden_size, cfg.h_dec_dtype)
+    return DumpPlan(cfg, scheme, list(ident_ids), open_id, template, max_new, max_prompt, spec, backend.dtype_name)
+
+
+def compute_shard(plan: DumpPlan, inputs: DumpInputs, backend: Backend, index: int,
+                  tick: Callable[[int], None] | None = None) -> ShardResult:
+    """One shard's rows, exactly: the unit of work of every runner (single process, workers, Ray actors).
+
+    The backend sees the shard's prompts in one call, so its batching (HF: length-sorted batches of
+    --batch-size within the shard) and hence every h_dec bit depend on the shard alone, not on who runs it."""
+    start, stop = plan.spec.shard_range(index)
+    rows = inputs.samples.slice(start, stop - start)
+    cfg = plan.cfg
+    prompts, shown = _render(rows, inputs, cfg, backend.tokenizer, plan.template, plan.scheme, plan.max_prompt,
+                             plan.open_id)
+    budget = {"max_new_tokens": plan.max_new} if cfg.mode == "generate" else {}
+    result = backend.run([p.input_ids for p in prompts], plan.ident_ids, cfg.mode, progress=tick, **budget)
+    table, st = _table(rows, prompts, shown, result, plan.scheme, cfg, plan.ident_ids, plan.max_new)
+    return ShardResult(index, table, st, sum(p.truncated for p in prompts), sum(len(p.input_ids) for p in prompts))
+
+
+def finish_dump(writer: StoreWriter, plan: DumpPlan, pending: list[int], mine: int, total: int, t0: float,
+                status: Counter[str], truncated: int, tokens: int) -> DumpReport:
+    """The last manifest write and the report; a rerun of a complete store leaves every byte as it was."""
+    manifest = writer.read_manifest()
+    if pending or not manifest.get("complete"):
+        manifest = writer.write_manifest(extra={"backend_dtype": plan.backend_dtype})
+    return DumpReport(writer.root, len(pending), mine - len(pending), total, time.perf_counter() - t0,
+                      dict(status), truncated, tokens, manifest["complete"])
+
+
+def run_dump(cfg: DumpConfig, inputs: DumpInputs, backend: Backend, teacher: dict[str, Any], out: Path,
+             progress: Callable[[int, int], None] | None = None) -> DumpReport:
+    """Fill `out` with this worker's missing shards; `progress(done, total)` after every batch.
+
+    Worker i of W computes shards i, i+W, ... (StoreWriter.pending, the one shard assignment); a Ray run
+    (ray_dump) is one such worker whose shards go to a pool of actors, each through compute_shard."""
+    t0 = time.perf_counter()
+    plan = plan_dump(cfg, inputs, backend, teacher)
+    spec = plan.spec
     writer = StoreWriter(out, spec, replace_mismatched=cfg.replace_mismatched)
     pending = writer.pending(cfg.num_workers, cfg.worker_index)
     mine = len(range(cfg.worker_index, spec.n_shards, cfg.num_workers))
@@ -184,9 +299,6 @@ def run_dump(cfg: DumpConfig, inputs: DumpInputs, backend: Backend, teacher: dic
     status: Counter[str] = Counter()
     truncated = tokens = done = 0
     for index in pending:
-        start, stop = spec.shard_range(index)
-        rows = inputs.samples.slice(start, stop - start)
-        prompts, shown = _render(rows, inputs, cfg, backend.tokenizer, template, scheme, max_prompt, open_id)
 
         def tick(n: int) -> None:
             nonlocal done
@@ -194,22 +306,16 @@ def run_dump(cfg: DumpConfig, inputs: DumpInputs, backend: Backend, teacher: dic
             if progress:
                 progress(done, total)
 
-        budget = {"max_new_tokens": max_new} if cfg.mode == "generate" else {}
-        result = backend.run([p.input_ids for p in prompts], ident_ids, cfg.mode, progress=tick, **budget)
-        table, st = _table(rows, prompts, shown, result, scheme, cfg, ident_ids, max_new)
-        writer.write_shard(index, table)
+        shard = compute_shard(plan, inputs, backend, index, tick)
+        writer.write_shard(index, shard.table)
         writer.write_manifest()  # progress is visible to `cache info` while the run goes on
         rate = done / (time.perf_counter() - t0)
         log.info("wrote %s: %d/%d samples, %.2f samples/s, ETA %.0f s", writer.path(index).name, done, total,
                  rate, (total - done) / rate if rate > 0 else float("nan"))
-        status.update(st)
-        truncated += sum(p.truncated for p in prompts)
-        tokens += sum(len(p.input_ids) for p in prompts)
-    manifest = writer.read_manifest()
-    if pending or not manifest.get("complete"):  # a rerun of a complete store leaves every byte as it was
-        manifest = writer.write_manifest(extra={"backend_dtype": backend.dtype_name})
-    return DumpReport(out, len(pending), mine - len(pending), total, time.perf_counter() - t0,
-                      dict(status), truncated, tokens, manifest["complete"])
+        status.update(shard.status)
+        truncated += shard.truncated
+        tokens += shard.tokens
+    return finish_dump(writer, plan, pending, mine, total, t0, status, truncated, tokens)
 
 
 def _render(rows: pl.DataFrame, inputs: DumpInputs, cfg: DumpConfig, tokenizer: Any, template: PromptTemplate,
