@@ -184,6 +184,82 @@ def child_steps(a: argparse.Namespace) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def child_breakdown(a: argparse.Namespace) -> dict:
+    """Where a distilled step's extra time goes: baseline and distilled steps interleaved in one process,
+    each part of the distilled step timed by wrapping the objective's own methods (no copy of its code):
+    teacher batch draw (the stream), histories, targets, the student's encoding of the teacher histories,
+    the rest of the objective's forward (scores, ListNet, projector, embedding loss, logs), backward and
+    the optimizer step. Plus one validation pass (what every epoch adds on both sides)."""
+    import torch
+
+    from pipeline.distill import DistillConfig, DistillObjective, open_teacher_store
+    from pipeline.prepared import load_prepared
+    from pipeline.sasrec import SASRec, SasrecConfig
+    from pipeline.sequences import training_windows
+    from pipeline.train import TrainConfig, evaluate, next_item_loss
+
+    _threads(a.threads)
+    data = load_prepared(a.prepared)
+    mcfg, tcfg = SasrecConfig(n_items=data.n_items), TrainConfig()
+    torch.manual_seed(a.seed)
+    model = SASRec(mcfg).train()
+    obj = DistillObjective(DistillConfig(teacher_batch_size=a.teacher_batch_size), data,
+                           list(open_teacher_store(a.store, data).shard_paths), mcfg.hidden, mcfg.max_len)
+    opt = torch.optim.Adam(list(model.parameters()) + list(obj.parameters()), lr=1e-3)
+    X, Y = (torch.from_numpy(x) for x in training_windows(data.train, mcfg.max_len))
+    gen = torch.Generator().manual_seed(a.seed)
+    acc: dict[str, float] = {}
+
+    def timed(name, fn):
+        def wrapper(*args, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                acc[name] = acc.get(name, 0.0) + time.perf_counter() - t0
+        return wrapper
+
+    batches = obj._batches
+    obj._batches = iter(timed("draw", lambda: next(batches)), None)
+    obj._histories = timed("histories", obj._histories)
+    obj.targets = timed("targets", obj.targets)
+    enc = model.user_embedding
+    parts: dict[str, dict[str, list[float]]] = {"baseline": {}, "distilled": {}}
+    for i in range(a.steps + 3):
+        for side in ("baseline", "distilled"):
+            idx = torch.randint(0, len(X), (tcfg.batch_size,), generator=gen)
+            acc.clear()
+            t0 = time.perf_counter()
+            loss = next_item_loss(model, X[idx], Y[idx], "ce", 1, gen)
+            t1 = time.perf_counter()
+            if side == "distilled":
+                model.user_embedding = timed("teacher_encode", enc)
+                loss = loss + obj.loss(model, i)[0]
+                del model.user_embedding
+            t2 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            t3 = time.perf_counter()
+            opt.step()
+            t4 = time.perf_counter()
+            if i < 3:  # warm-up steps are not counted
+                continue
+            row = {"rec_forward": t1 - t0, "backward": t3 - t2, "optimizer": t4 - t3, "step": t4 - t0}
+            if side == "distilled":
+                row.update(acc)
+                row["objective_rest"] = (t2 - t1) - sum(acc.values())
+            for k, v in row.items():
+                parts[side].setdefault(k, []).append(v)
+    med = {s: {k: statistics.median(v) for k, v in d.items()} for s, d in parts.items()}
+    t0 = time.perf_counter()
+    evaluate(model, data, "valid")
+    eval_s = time.perf_counter() - t0
+    steps_per_epoch = (len(X) + tcfg.batch_size - 1) // tcfg.batch_size
+    return {"median_s": med, "ratio_distilled_over_baseline": med["distilled"]["step"] / med["baseline"]["step"],
+            "validation_pass_s": eval_s, "steps": a.steps, "steps_per_epoch": steps_per_epoch,
+            "teacher_batch_size": a.teacher_batch_size, "threads": torch.get_num_threads()}
+
+
 def child_memory(a: argparse.Namespace) -> dict:
     import torch
 
@@ -246,11 +322,11 @@ def main() -> None:
     ap.add_argument("--parts", default="epochs,steps,memory")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "bench_distill.json")
     ap.add_argument("--steps", type=int, default=40, help="interleaved steps per side (part 'steps')")
-    ap.add_argument("--child", choices=["baseline", "distilled", "memory", "steps"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["baseline", "distilled", "memory", "steps", "breakdown"], help=argparse.SUPPRESS)
     ap.add_argument("--store", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        fn = {"memory": child_memory, "steps": child_steps}.get(a.child, child_epochs)
+        fn = {"memory": child_memory, "steps": child_steps, "breakdown": child_breakdown}.get(a.child, child_epochs)
         print(MARK + json.dumps(fn(a)), flush=True)
         return
 
@@ -278,6 +354,13 @@ def main() -> None:
                 res["timing_store"] = write_synthetic_store(store, a.prepared, last_m=a.last_m, repeat=1, width=a.width)
             print(f"[bench] interleaved steps, load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
             res["steps"] = run_child(["--child", "steps", "--store", str(store), "--steps", str(a.steps), *common], a.threads)
+        if "breakdown" in a.parts:
+            store = work / "timing"
+            if not store.exists():
+                res["timing_store"] = write_synthetic_store(store, a.prepared, last_m=a.last_m, repeat=1, width=a.width)
+            print(f"[bench] step breakdown, load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
+            res["breakdown"] = run_child(["--child", "breakdown", "--store", str(store), "--steps", str(a.steps),
+                                          *common], a.threads)
         if "memory" in a.parts:
             res["memory"] = []
             for f in [int(x) for x in a.factors.split(",")]:
@@ -301,6 +384,12 @@ def main() -> None:
         st = res["steps"]
         print(f"interleaved steps (median s): baseline {st['median_step_s']['baseline']:.3f}, distilled "
               f"{st['median_step_s']['distilled']:.3f}, ratio {st['ratio_distilled_over_baseline']:.3f} (goal < 1.3)")
+    if "breakdown" in res:
+        bd = res["breakdown"]
+        for side, d in bd["median_s"].items():
+            print(f"{side:9s} median s: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in d.items()))
+        print(f"ratio {bd['ratio_distilled_over_baseline']:.3f}; one validation pass {bd['validation_pass_s']:.2f} s "
+              f"({bd['steps_per_epoch']} steps an epoch)")
     for m in res.get("memory", []):
         print(f"store {m['factor']:>2}x: {m['rows']:>7} rows x {m['width']} fp16 = {m['h_dec_bytes'] / 2**20:7.0f} MiB h_dec; "
               f"peak RSS {m['peak_rss_mib']:.0f} MiB; one pass {m['seconds']:.1f}s ({m['steps']} steps)")
