@@ -5,6 +5,11 @@ float16), so nothing here loads it whole. Each pass over the store visits every 
 group) once in a seeded random order, reads it in small record batches, and mixes rows in a
 shuffle buffer of at most `buffer_rows` (+ one read chunk). Memory: buffer_rows x (H x 2 or 4
 bytes + a few K-wide lists), independent of the store size.
+
+A store no larger than the buffer (the default profile: 943 rows against 4,096) is decoded once and its
+chunks replayed on every later pass, in the same seeded order: the batches are the same as re-reading it
+(a test checks this), without a Parquet read and decode every ~30 steps (issue 10:
+`benchmarks/bench_distill.py --parts breakdown`). Memory stays within the same bound.
 """
 
 from __future__ import annotations
@@ -132,19 +137,33 @@ class TeacherStream:
         self.skip_failed = skip_failed
         self.rng = np.random.default_rng(seed)
         self.passes = 0  # completed passes over the store
-        self.rows_read = 0
+        self.rows_read = 0  # rows delivered from the store (replayed ones included)
+        total = sum(pq.ParquetFile(p).metadata.row_group(rg).num_rows for p, rg in self.groups)
+        # decoded chunks per row group, kept when the whole store fits in the buffer
+        self._cache: dict[int, list[tuple[TeacherBatch, int]]] | None = {} if total <= buffer_rows else None
 
     def _chunks(self) -> Iterator[TeacherBatch]:
         """One pass over the store: row groups in random order, each in small record batches."""
         order = self.rng.permutation(len(self.groups))
         for gi in order:
+            cached = self._cache.get(int(gi)) if self._cache is not None else None
+            if cached is not None:
+                for chunk, n_rows in cached:
+                    self.rows_read += n_rows
+                    if len(chunk):
+                        yield chunk
+                continue
             path, rg = self.groups[gi]
             pf = pq.ParquetFile(path)
+            decoded = []
             for rb in pf.iter_batches(batch_size=self.read_rows, row_groups=[rg], columns=self.columns, use_threads=False):
                 self.rows_read += rb.num_rows
                 chunk = batch_from_arrow(rb, skip_failed=self.skip_failed)
+                decoded.append((chunk, rb.num_rows))
                 if len(chunk):
                     yield chunk
+            if self._cache is not None:
+                self._cache[int(gi)] = decoded
         self.passes += 1
 
     def __iter__(self) -> Iterator[TeacherBatch]:
