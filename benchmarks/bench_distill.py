@@ -260,6 +260,31 @@ def child_breakdown(a: argparse.Namespace) -> dict:
             "teacher_batch_size": a.teacher_batch_size, "threads": torch.get_num_threads()}
 
 
+def child_stream(a: argparse.Namespace) -> dict:
+    """Teacher-batch draws from a store that fits in the buffer: the in-memory replay against the streaming
+    path (re-reading and decoding the Parquet row groups every pass), interleaved in one process, one
+    epoch's worth of draws (151 steps at the default batch of 16 windows) per round."""
+    from pipeline.store import open_store
+    from pipeline.teacher_stream import TeacherStream
+
+    shards = list(open_store(a.store, checksums=False).shard_paths)
+    streams = {"replay (after)": TeacherStream(shards, a.teacher_batch_size, seed=0),
+               "re-read (before)": TeacherStream(shards, a.teacher_batch_size, seed=0)}
+    streams["re-read (before)"]._cache = None
+    its = {k: iter(s) for k, s in streams.items()}
+    times: dict[str, list[float]] = {k: [] for k in its}
+    for r in range(a.steps + 1):
+        for k, it in its.items():
+            t0 = time.perf_counter()
+            for _ in range(151):
+                next(it)
+            if r:  # the first epoch (the replay's one real read) is not counted
+                times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"median_s_per_151_draws": med, "epochs": a.steps, "passes": {k: s.passes for k, s in streams.items()},
+            "teacher_batch_size": a.teacher_batch_size}
+
+
 def child_memory(a: argparse.Namespace) -> dict:
     import torch
 
@@ -322,11 +347,11 @@ def main() -> None:
     ap.add_argument("--parts", default="epochs,steps,memory")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "bench_distill.json")
     ap.add_argument("--steps", type=int, default=40, help="interleaved steps per side (part 'steps')")
-    ap.add_argument("--child", choices=["baseline", "distilled", "memory", "steps", "breakdown"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["baseline", "distilled", "memory", "steps", "breakdown", "stream"], help=argparse.SUPPRESS)
     ap.add_argument("--store", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        fn = {"memory": child_memory, "steps": child_steps, "breakdown": child_breakdown}.get(a.child, child_epochs)
+        fn = {"memory": child_memory, "steps": child_steps, "breakdown": child_breakdown, "stream": child_stream}.get(a.child, child_epochs)
         print(MARK + json.dumps(fn(a)), flush=True)
         return
 
@@ -361,6 +386,12 @@ def main() -> None:
             print(f"[bench] step breakdown, load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
             res["breakdown"] = run_child(["--child", "breakdown", "--store", str(store), "--steps", str(a.steps),
                                           *common], a.threads)
+        if "stream" in a.parts:
+            store = work / "timing"
+            if not store.exists():
+                res["timing_store"] = write_synthetic_store(store, a.prepared, last_m=a.last_m, repeat=1, width=a.width)
+            res["stream"] = run_child(["--child", "stream", "--store", str(store), "--steps", str(a.steps), *common],
+                                      a.threads)
         if "memory" in a.parts:
             res["memory"] = []
             for f in [int(x) for x in a.factors.split(",")]:
@@ -390,6 +421,9 @@ def main() -> None:
             print(f"{side:9s} median s: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in d.items()))
         print(f"ratio {bd['ratio_distilled_over_baseline']:.3f}; one validation pass {bd['validation_pass_s']:.2f} s "
               f"({bd['steps_per_epoch']} steps an epoch)")
+    if "stream" in res:
+        print("teacher draws per epoch (median s): " + ", ".join(
+            f"{k} {v:.3f}" for k, v in res["stream"]["median_s_per_151_draws"].items()))
     for m in res.get("memory", []):
         print(f"store {m['factor']:>2}x: {m['rows']:>7} rows x {m['width']} fp16 = {m['h_dec_bytes'] / 2**20:7.0f} MiB h_dec; "
               f"peak RSS {m['peak_rss_mib']:.0f} MiB; one pass {m['seconds']:.1f}s ({m['steps']} steps)")
