@@ -132,7 +132,12 @@ def connect(ray: Any, address: str | None, local_cpus: int | None) -> bool:
         return False
     common = {"namespace": NAMESPACE, "logging_level": logging.WARNING, "include_dashboard": False}
     if address is None:
-        ray.init(num_cpus=local_cpus, **common)
+        try:
+            ray.init(num_cpus=local_cpus, **common)
+        except Exception as e:  # Ray raises a bare Exception when its raylet misses the 30 s start window
+            ray.shutdown()
+            raise RuntimeError(f"could not start a local Ray cluster ({e}); on a busy machine retry, or start one "
+                               "yourself (`ray start --head --num-cpus N`) and pass its address to --ray") from e
         return True
     _check_reachable(address)
     try:
@@ -225,10 +230,11 @@ def run_ray_dump(cfg: DumpConfig, inputs: DumpInputs, opts: TeacherOptions, out:
         return _dispatch(ray, plan, actors, descs, out, cfg, ropts.in_flight, progress, connect_s, actors_ready_s)
     finally:
         for a in actors:
-            try:
-                ray.get(a.close.remote(), timeout=30)
-            except Exception:  # noqa: BLE001 - a dead actor has nothing to close
-                pass
+            if opts.backend != "hf":  # vLLM: shut its engine processes down first (HF has nothing to close)
+                try:
+                    ray.get(a.close.remote(), timeout=30)
+                except Exception:  # noqa: BLE001 - a dead actor has nothing to close
+                    pass
             ray.kill(a)
         if started:
             ray.shutdown()
