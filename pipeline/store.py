@@ -3,7 +3,8 @@
 The format (layout, schema, fingerprint) is in store_format; this module writes a store (resumable,
 crash-safe: temporary file, fsync, rename; locked against a second writer, see store_lock) and opens
 one for reading (store_read: verified first, see store_check). The names of store_format and
-store_read are re-exported here.
+store_read are re-exported here. A complete store also carries a dataset card (`README.md`, store_card)
+for readers without gedistill (`datasets.load_dataset(dir)`).
 
 This module is imported by stage two: it must never import torch-for-LLMs, transformers or vllm.
 """
@@ -21,6 +22,7 @@ import pyarrow.parquet as pq
 
 from pipeline import __version__
 from pipeline.errors import UsageError
+from pipeline.store_card import CARD, is_our_card, write_dataset_card
 from pipeline.store_faults import fault_point
 from pipeline.store_format import (H_DTYPES, MANIFEST, META_KEY, SCHEMA_VERSION, StoreSpec, canonical_json,  # noqa: F401
                                    decodes, diff_settings, fingerprint_of, read_manifest_file, read_shard_meta,
@@ -100,6 +102,7 @@ class StoreWriter:
         """Delete a mismatched store; only when the directory holds nothing but store files."""
         owned = [p for p in self.root.iterdir()
                  if p.is_file() and (p.name == MANIFEST or p.name.startswith("part-") and p.suffix == ".parquet"
+                                     or p.name == CARD and is_our_card(p)
                                      or p.name.startswith(".") and ".tmp-" in p.name)]
         foreign = sorted(p.name for p in self.root.iterdir() if p not in owned and p.name != LOCK_FILE)
         if foreign:
@@ -113,7 +116,7 @@ class StoreWriter:
 
     def _drop_manifest_temps(self) -> None:
         """Left by a killed writer; called under the manifest lock, so no live writer owns one."""
-        for stale in self.root.glob(f".{MANIFEST}.tmp-*"):
+        for stale in [*self.root.glob(f".{MANIFEST}.tmp-*"), *self.root.glob(f".{CARD}.tmp-*")]:
             stale.unlink(missing_ok=True)
 
     def path(self, index: int) -> Path:
@@ -245,5 +248,9 @@ class StoreWriter:
                 "tool_version": __version__,
                 "run": {**old.get("run", {}), **(extra or {})},
             }
+            if manifest["complete"]:
+                # Before the manifest that says `complete`: a kill in between leaves an incomplete manifest,
+                # and the rerun that completes it writes the card again (store_card; no dates: same bytes).
+                write_dataset_card(self.root, manifest)
             _atomic_write_text(self.root / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False))
         return manifest

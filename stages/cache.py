@@ -15,6 +15,7 @@ from rich.table import Table
 from pipeline.errors import UsageError
 from pipeline.prepared import Prepared, load_prepared
 from pipeline.store import MANIFEST
+from pipeline.store_card import CARD, check_card, is_our_card, write_dataset_card
 from pipeline.store_check import verify_store
 from pipeline.store_merge import merge_stores
 
@@ -95,12 +96,32 @@ def info(store: Annotated[Path, typer.Argument(exists=True, file_okay=False, hel
 @app.command("verify")
 def verify(store: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Teacher store directory.")],
            prepared: PreparedOpt = None) -> None:
-    """Check manifest, files, checksums, schema, sample ids and rankings (and rows against --prepared); exit 2 on any problem."""
+    """Check manifest, files, checksums, schema, sample ids and rankings (and rows against --prepared), and the
+    dataset card's header against the manifest; exit 2 on any problem."""
     problems = verify_store(store, _prepared(prepared))
+    # The card's front matter is what `datasets` readers of a shared store go by: a stale one (another store's
+    # shards or features) is a problem here. Training (open_store) does not read the card and does not check it.
+    problems = problems or check_card(store, _manifest(store))
     if problems:
         _fail(store, problems)
     m = _manifest(store)
-    Console().print(f"{store}: OK ({m['n_samples']:,} rows in {m['n_shards']} shard(s), fingerprint {m['fingerprint'][:16]})")
+    card = "dataset card OK" if (store / CARD).is_file() else f"no dataset card: `gedistill cache card {store}` adds one"
+    Console().print(f"{store}: OK ({m['n_samples']:,} rows in {m['n_shards']} shard(s), fingerprint "
+                    f"{m['fingerprint'][:16]}; {card})")
+
+
+@app.command("card")
+def card(store: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Teacher store directory.")]) -> None:
+    """Write the store's dataset card (README.md: `datasets.load_dataset(DIR)` reads the shards through it)
+    after verifying the store; for stores written before cards existed, or a card edited beyond repair."""
+    problems = verify_store(store)
+    if problems:
+        _fail(store, problems)
+    path = store / CARD
+    if path.exists() and not is_our_card(path):
+        raise UsageError(f"{path} is not a card gedistill wrote; move it out of the store, then run this again")
+    write_dataset_card(store, _manifest(store))  # rewrites a stale card of ours
+    Console().print(f"{path}: dataset card written")
 
 
 @app.command("merge")
