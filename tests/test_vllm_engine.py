@@ -17,7 +17,7 @@ from pipeline.teacher import vllm_engine
 from pipeline.teacher.vllm_engine import Engines, EngineSettings, Ticker, engine_kwargs, prepare_environment, resolve_local
 
 ENV_KEYS = ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE", "VLLM_LOGGING_LEVEL", "TQDM_DISABLE",
-            "PYTHONWARNINGS", "TORCH_CPP_LOG_LEVEL", "TOKENIZERS_PARALLELISM")
+            "PYTHONWARNINGS", "TORCH_CPP_LOG_LEVEL", "TOKENIZERS_PARALLELISM", "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS")
 
 
 @pytest.fixture
@@ -49,12 +49,14 @@ def test_environment_defaults_leave_user_settings(clean_env):
     env = prepare_environment(cpu())
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["VLLM_LOGGING_LEVEL"] == "ERROR"
     assert env["TQDM_DISABLE"] == "1"
+    # vLLM's 300 s step timeout killed a dump on a loaded 2-core machine ("RPC call to execute_model timed out")
+    assert int(env["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"]) >= 3600
     clean_env.setenv("VLLM_CPU_KVCACHE_SPACE", "6")
     clean_env.setenv("VLLM_LOGGING_LEVEL", "INFO")
     env = prepare_environment(cpu())
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "6" and env["VLLM_LOGGING_LEVEL"] == "INFO"
     gpu = prepare_environment(EngineSettings("/m", "bfloat16", on_gpu=True))
-    assert "VLLM_CPU_OMP_THREADS_BIND" not in gpu
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in gpu and "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS" not in gpu
 
 
 def test_engine_settings_honoured_or_refused():

@@ -12,6 +12,8 @@ Facts for vLLM 0.32 (DESIGN.md points 4, 8, 13, 14), checked against the install
   fit a small machine: it is sized from the prompts actually run instead.
 - vLLM's log lines and tqdm bars are kept out of the user's way (`VLLM_LOGGING_LEVEL`, no bars);
   our own progress ticks once per finished request.
+- vLLM fails the whole engine when one model step takes more than `VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS`
+  (300 s): on a busy CPU machine a batch's prefill can, so on a CPU it is raised to an hour when unset.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 
 EngineKind = Literal["pool", "generate"]
 DEFAULT_KV_GIB = 2
+STEP_TIMEOUT_S = 3600  # CPU: seconds one engine step may take before vLLM gives up (its default: 300)
 LEN_STEP = 512  # max_model_len is rounded up to this, so that a slightly longer prompt later needs no restart
 
 
@@ -99,6 +102,9 @@ def prepare_environment(s: EngineSettings) -> dict[str, str]:
             "PYTHONWARNINGS": "ignore::FutureWarning", "TORCH_CPP_LOG_LEVEL": "ERROR"}
     if not s.on_gpu:
         want["VLLM_CPU_KVCACHE_SPACE"] = str(DEFAULT_KV_GIB)
+        # vLLM aborts the engine when one model step takes longer than this (default 300 s); on a loaded
+        # CPU machine one prefill step of a batch took longer (measured here, load average 28 on 2 cores)
+        want["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"] = str(STEP_TIMEOUT_S)
         cpus = allowed_cpus()
         n = s.threads or len(cpus)
         if n > len(cpus):
