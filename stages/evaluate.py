@@ -133,12 +133,30 @@ def _print(diffs: dict[str, PairedDiff], names: tuple[str, str], teacher: dict |
                       f"(uniform {1 / teacher['k']:.1%}). Students score training prefixes here (in-sample).")
 
 
+def summary_metrics(diffs: dict[str, PairedDiff], teacher: dict | None, metric: str = "ndcg@10") -> dict:
+    """The headline for `dvc metrics show/diff`: one metric's test numbers, its verdict, the teacher against
+    random order. Flat and short, so that DVC's table (a column per key, sorted by name) fits in 120 columns;
+    the full report is the --metrics file. verdict: better / worse (distilled vs baseline, 95% paired
+    bootstrap CI excludes 0) or n.s. (not significant)."""
+    d = diffs[metric]
+    out = {"baseline": round(d.mean_a, 6), "distilled": round(d.mean_b, 6), "diff": round(d.diff, 6),
+           "diff_ci95": f"[{d.ci_low:+.4f}, {d.ci_high:+.4f}]",
+           "verdict": ("better" if d.diff > 0 else "worse") if d.significant else "n.s."}
+    if teacher is not None:  # NDCG@K of the teacher's ranking where the target is among its K candidates
+        out["teacher"] = round(teacher["teacher"]["ndcg@k_where_present"], 6)
+        out["random"] = round(teacher["random_ndcg@k"], 6)
+    return out
+
+
 def evaluate(
     prepared: Annotated[Path, typer.Option(help="Folder written by `gedistill prepare`.")] = Path("data/prepared"),
     baseline: Annotated[Path, typer.Option(help="Baseline student checkpoint.")] = Path("data/students/baseline"),
     distilled: Annotated[Path, typer.Option(help="Distilled student checkpoint.")] = Path("data/students/distilled"),
     teacher_cache: Annotated[list[Path] | None, typer.Option(help="Teacher store(s) the student was distilled from, for the teacher-quality report.")] = None,
-    metrics: Annotated[Path, typer.Option(help="Metrics JSON for DVC.")] = Path("data/metrics/evaluate.json"),
+    metrics: Annotated[Path, typer.Option(help="The full report (JSON): every metric, bootstrap details, teacher quality.")] = Path("data/metrics/evaluate.json"),
+    summary: Annotated[Path | None, typer.Option(help="Also write the headline (test NDCG@10 of both students, "
+                                                      "difference, CI, verdict, teacher vs random) here: the "
+                                                      "small metrics file `dvc metrics show` prints.")] = None,
     plots: Annotated[Path, typer.Option(help="Folder for the PNG plots.")] = Path("data/plots"),
     masked: Annotated[bool, typer.Option(help="Mask items the user has already seen (reported under 'test_masked').")] = False,
     n_boot: Annotated[int, typer.Option(min=100, help="Bootstrap resamples of the test users.")] = 2000,
@@ -150,7 +168,7 @@ def evaluate(
     if threads > 0:
         torch.set_num_threads(threads)
     data = load_prepared(prepared)
-    ensure_writable(metrics.parent, plots)
+    ensure_writable(metrics.parent, plots, *([summary.parent] if summary is not None else []))
     split_key = "test_masked" if masked else "test"
     # A bad store is refused now, not after minutes of comparing the students.
     infos = open_teacher_stores(list(teacher_cache), data) if teacher_cache else []
@@ -182,6 +200,9 @@ def evaluate(
         if teacher is not None:
             shares = {n: np.array(teacher[n]["rank_share"]) for n in ("teacher", "teacher_calibrated", *names)}
             pngs.append(plot_teacher(np.array(teacher["top1_position_counts"]), shares, plots / "teacher.png"))
+    if summary is not None:
+        with writing(summary):
+            write_text_atomic(summary, json.dumps(summary_metrics(diffs, teacher), indent=1) + "\n")
     with writing(metrics):  # last, whole or absent: its presence means the evaluation finished
         write_text_atomic(metrics, json.dumps(out, indent=2) + "\n")
     _print(diffs, names, teacher, masked)

@@ -389,3 +389,46 @@ def test_params_file_defines_every_parameter_the_stages_use():
                 if node is None and not (ref == "prepare.input"):
                     missing.append(f"{name}: {ref}")
         assert not missing, f"{'TINY_PARAMS' if tiny else 'params.yaml'} lacks {missing}"
+
+
+def _summary(diff: float, low: float, high: float) -> dict:
+    from pipeline.stats import PairedDiff
+    from stages.evaluate import summary_metrics
+
+    d = PairedDiff(0.062234, 0.062234 + diff, diff, low, high, 0.01, 943, 2000, low > 0 or high < 0)
+    teacher = {"teacher": {"ndcg@k_where_present": 0.354123}, "random_ndcg@k": 0.352017}
+    return summary_metrics({"ndcg@10": d, "hr@10": d}, teacher)
+
+
+def test_summary_metrics_give_the_verdict_in_short_keys():
+    """Fails if the headline's verdict does not follow the CI (better/worse only when it excludes 0, n.s.
+    otherwise) or its keys change (`dvc exp show`, the docs and the sharing tests read them)."""
+    worse, better, unclear = _summary(-0.0308, -0.0430, -0.0192), _summary(0.02, 0.001, 0.04), _summary(0.01, -0.02, 0.03)
+    assert (worse["verdict"], better["verdict"], unclear["verdict"]) == ("worse", "better", "n.s.")
+    assert set(worse) == {"baseline", "distilled", "diff", "diff_ci95", "verdict", "teacher", "random"}
+    assert worse["diff_ci95"] == "[-0.0430, -0.0192]" and worse["teacher"] == 0.354123
+
+
+def test_dvc_metrics_show_fits_in_120_columns(tmp_path: Path):
+    """Fails if dvc.yaml declares a metrics file beyond the evaluate stages' summaries (a student's metrics or
+    the full report: `dvc metrics show` printed one line of about 3,000 characters), or if the summary gains
+    keys that widen DVC's table past 120 columns. Real `dvc metrics show` on this dvc.yaml, with the widest
+    values (negative differences and CIs, both profiles' files present)."""
+    from dvc.repo import Repo
+
+    shutil.copy2(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    Repo.init(str(tmp_path))
+    declared = [next(iter(m)) if isinstance(m, dict) else m for st in dvc_stages().values() for m in st.get("metrics", [])]
+    assert declared == ["data/metrics/summary.json", "data/metrics/summary-tuned.json"]
+    for path in declared:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(json.dumps(_summary(-0.030812, -0.043011, -0.019234)))
+    bin_dir = Path(sys.executable).parent
+    r = subprocess.run([str(bin_dir / "dvc"), "metrics", "show"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 3 and "verdict" in lines[0] and "worse" in lines[1], r.stdout
+    assert max(map(len, lines)) <= 120, r.stdout
