@@ -69,7 +69,7 @@ def teacher_dump(
                                                     "the teacher once, one task per shard; the store is the one a "
                                                     "single run writes. Without RAY_ADDRESS: a local cluster.")] = False,
     ray_address: Annotated[str | None, typer.Argument(
-        metavar="[RAY_ADDRESS]", show_default=False,
+        metavar="RAY_ADDRESS", show_default=False,
         help="With --ray: the cluster to join (HOST:PORT of its head, `auto`, or ray://HOST:PORT); "
              "none = start a local cluster.")] = None,
     ray_actors: Annotated[int | None, typer.Option(min=1, help="--ray: teacher actors (default: as many as the "
