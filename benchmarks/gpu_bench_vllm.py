@@ -71,6 +71,8 @@ def one(backend: str, teacher: str, samples: int, gen_samples: int, batch: int, 
         tokens = sum(len(i) for i in ids[:n])
         res[mode] = {"samples": n, "warmup_s": warm, "wall_s": wall, "engine_switch_s": switch,
                      "samples_per_s": n / (wall - switch), "prompt_tok_per_s": tokens / (wall - switch)}
+    # every engine start (kind, max_model_len, seconds): vLLM's start-up, CUDA-graph capture included
+    res["engine_starts_s"] = [list(x) for x in getattr(getattr(model, "engines", None), "starts", [])]
     if hasattr(model, "close"):
         model.close()
     return res
@@ -83,6 +85,9 @@ def main() -> None:
     ap.add_argument("--gen-samples", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=64, help="HF batch size")
     ap.add_argument("--max-new-tokens", type=int, default=80)
+    ap.add_argument("--hf-timeout", type=int, default=100, help="seconds for the HF subprocess")
+    ap.add_argument("--vllm-timeout", type=int, default=190,
+                    help="seconds for the vLLM subprocess (three engine starts: pool, generate, pool again)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
@@ -92,13 +97,22 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         sys.exit("no CUDA GPU here: this benchmark is for a GPU machine (benchmarks/bench_vllm.py is the CPU one)")
-    report = {"gpu": torch.cuda.get_device_name(0), "teacher": a.teacher, "results": {}}
+    import importlib.metadata as md
+
+    versions = {}
+    for dist in ("torch", "transformers", "vllm"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            versions[dist] = None
+    report = {"gpu": torch.cuda.get_device_name(0), "teacher": a.teacher, "versions": versions, "results": {}}
     for backend in ("hf", "vllm"):
         cmd = [sys.executable, __file__, "--one", backend, "--teacher", a.teacher, "--samples", str(a.samples),
                "--gen-samples", str(a.gen_samples), "--batch-size", str(a.batch_size),
                "--max-new-tokens", str(a.max_new_tokens)]
-        try:  # HF 100 s, vLLM 190 s (two engine starts with CUDA graphs): the whole run stays under 5 minutes
-            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=100 if backend == "hf" else 190,
+        try:  # HF 100 s, vLLM 190 s by default: the whole run stays under 5 minutes
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                                 timeout=a.hf_timeout if backend == "hf" else a.vllm_timeout,
                                  env={**os.environ, "GEDISTILL_NO_PROGRESS": "1"})
         except subprocess.TimeoutExpired as e:
             report["results"][backend] = {"error": f"timed out after {e.timeout} s"}
