@@ -36,6 +36,11 @@ class HFConfig:
     batch_size: int = 8
     max_new_tokens: int = 80
     trust_remote_code: bool = False
+    attn_implementation: str | None = None  # None: transformers' default (sdpa where the model supports it)
+    # RMSNorm through torch's fused kernel and the MLP activation in place: bit-identical outputs. Off by
+    # default: on the loaded 2-core machine the norm alone ran 0.78x and whole-model rounds showed no
+    # difference beyond the noise (benchmarks/results/perf_section.md); turn on after measuring an idle machine.
+    fused_ops: bool = False
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,66 @@ class TeacherOutput:
     hit_budget: np.ndarray | None = None  # generate mode, [B] bool: stopped by max_new_tokens, not by EOS
 
 
+# Modules whose forward is exactly Llama's RMSNorm (fp32 upcast, mean of squares, rsqrt, cast back, times
+# weight) or Llama's gated MLP (down(act(gate(x)) * up(x))). A replacement is also checked bit for bit on
+# a probe input before it is installed, so a model whose class name matches but computes otherwise keeps
+# its own forward.
+RMSNORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"}
+MLP_CLASSES = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
+
+
+def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """LlamaRMSNorm.forward in one fused reduction: F.rms_norm in float32, cast back, times the weight.
+
+    HF's version runs six passes over the tensor (upcast, pow, mean, multiply, downcast, weight); on a CPU
+    in bf16 these element-wise passes cost more than the layer's matmuls (benchmarks/profile_teacher.py)."""
+    out = torch.nn.functional.rms_norm(hidden_states.to(torch.float32), (hidden_states.shape[-1],),
+                                       eps=self.variance_epsilon)
+    return self.weight * out.to(hidden_states.dtype)
+
+
+def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """down(act(gate(x)) * up(x)) with the activation and the product in place (no two extra [T, inner] tensors).
+
+    Autograd records both in-place ops, so a model with these forwards still trains (tested)."""
+    g = self.gate_proj(x)
+    g = self.act_fn(g) if not isinstance(self.act_fn, torch.nn.SiLU) else torch.nn.functional.silu(g, inplace=True)
+    return self.down_proj(g.mul_(self.up_proj(x)))
+
+
+def fuse_ops(model: torch.nn.Module) -> dict[str, int]:
+    """Install the fused forwards on every matching module whose output stays bit-identical on a probe.
+
+    Returns how many modules of each kind were switched (logged); inference only (in-place activation)."""
+    import types
+
+    counts = {"rms_norm": 0, "mlp": 0}
+    checked: dict[tuple[str, str], bool] = {}
+    gen = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        name = type(module).__name__
+        if name in RMSNORM_CLASSES and hasattr(module, "variance_epsilon") and hasattr(module, "weight"):
+            kind, new = "rms_norm", _rms_norm_forward
+        elif name in MLP_CLASSES and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            kind, new = "mlp", _mlp_forward
+        else:
+            continue
+        key = (name, kind)
+        if key not in checked:  # the first module of a class decides for its class
+            p = next(module.parameters())
+            width = module.weight.shape[0] if kind == "rms_norm" else module.gate_proj.in_features
+            probe = (torch.randn((2, 7, width), generator=gen) * 3).to(p.dtype).to(p.device)
+            with torch.inference_mode():
+                checked[key] = torch.equal(module.forward(probe), new(module, probe.clone()))
+            if not checked[key]:
+                log.info("%s: the fused forward differs on a probe; keeping the model's own", name)
+        if checked[key]:
+            module.forward = types.MethodType(new, module)
+            counts[kind] += 1
+    log.info("fused forwards installed: %s", counts)
+    return counts
+
+
 class HFTeacher:
     def __init__(self, cfg: HFConfig) -> None:
         self.cfg = cfg
@@ -56,9 +121,11 @@ class HFTeacher:
         log.info("loading teacher %s in %s on %s", cfg.location, self.dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.location, trust_remote_code=cfg.trust_remote_code)
         self.model = AutoModelForCausalLM.from_pretrained(
-            cfg.location, dtype=self.dtype, trust_remote_code=cfg.trust_remote_code
+            cfg.location, dtype=self.dtype, trust_remote_code=cfg.trust_remote_code,
+            **({"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}),
         ).to(self.device).eval()
         self.base = self.model.base_model
+        self.fused = fuse_ops(self.model) if cfg.fused_ops else {}
         self.head = self.model.get_output_embeddings()
         text = text_config(self.model.config)  # a multimodal wrapper keeps these in text_config
         self.hidden_size = int(text.hidden_size)

@@ -1,0 +1,107 @@
+"""The HF backend's fused forwards (issue 10, opt-in: HFConfig(fused_ops=True)) change time, never numbers.
+
+`pipeline.teacher.hf_backend.fuse_ops` replaces Llama-style RMSNorm and gated-MLP forwards with fused /
+in-place ones. These tests require the replaced model to give bit-identical hidden states, that the
+replacement is actually installed (a fused forward that silently fell back would pass an equality test
+while giving no speed), and that a module whose class name matches but whose formula differs keeps its
+own forward.
+
+What each catches (each was broken on purpose and seen failing):
+- another eps in `_rms_norm_forward` (dropping its float32 upcast was tried too: torch's bf16 rms_norm
+  computes in float32 itself and gave the same bits, so that is no break): the probe rejects it,
+  nothing is installed, and the installed-count assertions fail;
+- a fused forward installed without the probe check (e.g. `checked[key] = True`): the Gemma-style
+  impostor test fails, its output changes;
+- the in-place MLP applied to the wrong tensor (`g.mul_(x)` shapes aside, e.g. `up(x) * up(x)`): probe
+  rejects it, counts fail; on the real teacher h_dec would differ.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from pipeline.teacher.hf_backend import fuse_ops  # noqa: E402
+
+
+def tiny_llama(dtype: torch.dtype) -> torch.nn.Module:
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # non-trivial norm weights, so the weight product is exercised
+        for m in model.modules():
+            if type(m).__name__ == "LlamaRMSNorm":
+                m.weight.uniform_(0.5, 1.5)
+    return model.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_forwards_are_installed_and_bit_identical(dtype):
+    ids = torch.randint(1, 97, (3, 17), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding on one row, as the backend batches
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    model = tiny_llama(dtype)
+    with torch.inference_mode():
+        before = model.model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+        counts = fuse_ops(model)
+        after = model.model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+    assert counts == {"rms_norm": 2 * 2 + 1, "mlp": 2}
+    assert torch.equal(before, after)
+
+
+def test_a_norm_with_another_formula_keeps_its_own_forward():
+    class LlamaRMSNorm(torch.nn.Module):  # the name matches, the formula is Gemma's (1 + weight)
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.full((8,), 0.25))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x):
+            x32 = x.float()
+            out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            return (out * (1.0 + self.weight.float())).to(x.dtype)
+
+    net = torch.nn.Sequential(LlamaRMSNorm())
+    x = torch.randn(2, 3, 8)
+    before = net(x)
+    assert fuse_ops(net) == {"rms_norm": 0, "mlp": 0}
+    assert torch.equal(net(x), before)
+
+
+@pytest.mark.teacher
+def test_real_teacher_h_dec_and_scores_unchanged():
+    """The embedded teacher in bf16 (the default profile's dtype where the CPU has bf16): every layer's
+    norms and MLPs fused, h_dec and identifier scores of real-length prompts bit-identical to HF's own
+    forwards, through HFTeacher.run's batching (left padding, several lengths)."""
+    from pipeline.teacher.convert import resolve_teacher
+    from pipeline.teacher.hf_backend import HFConfig, HFTeacher
+
+    loc = resolve_teacher("embedded").location
+    plain = HFTeacher(HFConfig(loc, dtype="bfloat16", batch_size=3))  # the default: HF's own forwards
+    fused = HFTeacher(HFConfig(loc, dtype="bfloat16", batch_size=3, fused_ops=True))
+    assert plain.fused == {} and fused.fused == {"rms_norm": 61, "mlp": 30}
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(100, 40000, (n,), generator=g).tolist() for n in (120, 97, 133, 60)]
+    ident = fused.tokenizer.convert_tokens_to_ids(list("ABCDEFGH"))
+    a = plain.run(prompts, ident, "first-token")
+    b = fused.run(prompts, ident, "first-token")
+    assert (a.h_dec == b.h_dec).all() and (a.scores == b.scores).all()
+
+
+def test_fused_model_still_trains():
+    """With autograd on (a LoRA step, say) the fused forwards still give the unfused model's gradients.
+    Catches a fused forward that cuts the graph (run under no_grad or detached: the probe, which runs
+    in inference mode, cannot see that; the gradient here is then None)."""
+    ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(2))
+    grads = []
+    for fused in (False, True):
+        model = tiny_llama(torch.float32)
+        if fused:
+            fuse_ops(model)
+        model.model(input_ids=ids).last_hidden_state.pow(2).sum().backward()
+        grads.append(model.model.layers[0].mlp.gate_proj.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
