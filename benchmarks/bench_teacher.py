@@ -92,6 +92,96 @@ def run_one(args: argparse.Namespace) -> dict:
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+VARIANTS = {
+    # name: (HFConfig overrides, batch size, right padding)
+    "before": ({}, 16, False),  # the backend's defaults at teacher-dump's default batch
+    "fused": ({"fused_ops": True}, 16, False),
+    "fused_b8": ({"fused_ops": True}, 8, False),
+    "fused_b32": ({"fused_ops": True}, 32, False),
+    "eager_attn": ({"attn_implementation": "eager"}, 16, False),
+    "right_pad_causal": ({"fused_ops": True}, 16, True),
+}
+
+
+def run_variants(args: argparse.Namespace) -> dict:
+    """Variants of the first-token forward on the same prompts in one process, interleaved round by round
+    (load hits all alike): median seconds per round, and each variant's h_dec and ranking against 'before'."""
+    import statistics
+
+    import torch
+
+    from pipeline.teacher.convert import resolve_teacher
+    from pipeline.teacher.dump import DumpConfig, _render, load_inputs
+    from pipeline.teacher.hf_backend import HFConfig, HFTeacher
+    from pipeline.teacher.identifiers import identifier_token_ids, make_scheme
+    from pipeline.teacher.prompt import load_template
+
+    torch.set_num_threads(args.threads)
+    names = args.variants.split(",")
+    loc = resolve_teacher("embedded").location
+    teachers = {}
+    for n in names:
+        over, bs, _ = VARIANTS[n]
+        key = tuple(sorted(over.items()))
+        teachers[n] = next((t for m, t in teachers.items() if tuple(sorted(VARIANTS[m][0].items())) == key), None) \
+            or HFTeacher(HFConfig(loc, dtype=args.dtype, batch_size=bs, **over))
+    t0 = teachers[names[0]]
+    inputs = load_inputs(args.prepared, args.candidates, limit=args.prompts)
+    scheme = make_scheme("letters", inputs.k)
+    ident = identifier_token_ids(scheme, t0.tokenizer)
+    open_id = t0.tokenizer.encode("[", add_special_tokens=False)[0]
+    prompts, _ = _render(inputs.samples, inputs, DumpConfig(), t0.tokenizer, load_template(), scheme,
+                         t0.context_length, open_id)
+    ids = [p.input_ids for p in prompts]
+
+    def right_pad_run(t: HFTeacher, bs: int):
+        order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
+        h = np.zeros((len(ids), t.hidden_size), np.float32)
+        sc = np.zeros((len(ids), len(ident)), np.float32)
+        with torch.inference_mode():
+            for s in range(0, len(order), bs):
+                idx = order[s:s + bs]
+                lens = torch.tensor([len(ids[i]) for i in idx])
+                x = torch.full((len(idx), int(lens.max())), t.pad_id, dtype=torch.long)
+                for b, i in enumerate(idx):
+                    x[b, :len(ids[i])] = torch.tensor(ids[i])
+                last = t.base(input_ids=x, use_cache=False).last_hidden_state[torch.arange(len(idx)), lens - 1]
+                h[idx], sc[idx] = last.float().numpy(), t._ident_scores(last, ident).numpy()
+        return h, sc
+
+    def run(n: str):
+        over, bs, right = VARIANTS[n]
+        t = teachers[n]
+        if right:
+            return right_pad_run(t, bs)
+        object.__setattr__(t.cfg, "batch_size", bs)
+        o = t.run(ids, ident, "first-token")
+        return o.h_dec, o.scores
+
+    outs = {n: run(n) for n in names}  # warm-up, and the outputs compared
+    times: dict[str, list[float]] = {n: [] for n in names}
+    loads = []
+    for _ in range(args.rounds):
+        for n in names:
+            t = time.perf_counter()
+            run(n)
+            times[n].append(time.perf_counter() - t)
+        loads.append(os.getloadavg()[0])
+    ref_h, ref_s = outs["before"] if "before" in outs else outs[names[0]]
+    res = {}
+    for n in names:
+        h, sc = outs[n]
+        cos = (h * ref_h).sum(1) / np.linalg.norm(h, axis=1) / np.linalg.norm(ref_h, axis=1)
+        same_rank = [np.array_equal(np.argsort(-a, kind="stable"), np.argsort(-b, kind="stable")) for a, b in zip(sc, ref_s)]
+        med = statistics.median(times[n])
+        res[n] = {"round_s": times[n], "median_round_s": med, "samples_per_s": len(ids) / med,
+                  "min_cosine_vs_before": float(cos.min()), "rankings_identical": int(sum(same_rank)),
+                  "max_abs_score_diff": float(np.abs(sc - ref_s).max()), "batch_size": VARIANTS[n][1],
+                  "fused": dict(teachers[n].fused)}
+    return {"threads": args.threads, "prompts": len(ids), "dtype": t0.dtype_name, "rounds": args.rounds,
+            "mean_prompt_tokens": sum(len(i) for i in ids) / len(ids), "load_avg_per_round": loads, "variants": res}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prepared", type=Path, default=ROOT / "data/prepared")
@@ -103,6 +193,9 @@ def main() -> None:
     ap.add_argument("--configs", default="first-token:bfloat16:1,first-token:bfloat16:8,first-token:bfloat16:16,"
                                          "first-token:float32:8,generate:bfloat16:8")
     ap.add_argument("--json", type=Path, default=None, help="Also write the results here.")
+    ap.add_argument("--variants", default=None,
+                    help=f"compare first-token variants side by side in one process instead: {','.join(VARIANTS)}")
+    ap.add_argument("--rounds", type=int, default=3, help="--variants: interleaved rounds")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="first-token", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="bfloat16", help=argparse.SUPPRESS)
@@ -113,6 +206,19 @@ def main() -> None:
         return
     tmp = Path(tempfile.mkdtemp())
     cands = args.candidates or synth_candidates(args.prepared, tmp / "candidates.parquet")
+    if args.variants:
+        args.candidates = cands
+        load0 = os.getloadavg()
+        r = run_variants(args)
+        r.update(command="python benchmarks/bench_teacher.py " + " ".join(sys.argv[1:]), load_avg_before=load0,
+                 load_avg_after=os.getloadavg())
+        for n, v in r["variants"].items():
+            print(f"{n:18s} batch {v['batch_size']:2d}: median {v['median_round_s']:.2f} s per {r['prompts']} prompts "
+                  f"({v['samples_per_s']:.2f} samples/s), min cosine vs before {v['min_cosine_vs_before']:.7f}, "
+                  f"rankings identical {v['rankings_identical']}/{r['prompts']}", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(r, indent=1))
+        return
     load = os.getloadavg()
     peaks = {d: gemm_peak(d, args.threads) for d in ("bfloat16", "float32")}
     print(f"threads {args.threads}, load average {load[0]:.2f}; GEMM peak: "

@@ -139,7 +139,7 @@ def child(args: argparse.Namespace) -> dict:
     load_before = load_avg()
     source = resolve_teacher("embedded")
     teacher = HFTeacher(HFConfig(source.location, dtype=args.dtype, batch_size=args.batch_size,
-                                 attn_implementation=args.attn))
+                                 attn_implementation=args.attn, fused_ops=args.fused != "0"))
     cfg = DumpConfig(shard_rows=args.samples)
     all_inputs = load_inputs(args.prepared, args.candidates)
     inputs = load_inputs(args.prepared, args.candidates, limit=args.samples)
@@ -156,7 +156,7 @@ def child(args: argparse.Namespace) -> dict:
 
     out: dict = {"threads": args.threads, "dtype": teacher.dtype_name, "dtype_reason": teacher.dtype_choice.reason,
                  "batch_size": args.batch_size, "samples": inputs.samples.height,
-                 "attn_implementation": teacher.model.config._attn_implementation}
+                 "attn_implementation": teacher.model.config._attn_implementation, "fused": teacher.fused}
     t = time.perf_counter()
     prompts, shown = _render(inputs.samples, inputs, cfg, teacher.tokenizer, template, scheme, max_prompt, open_id)
     phases = {"render": time.perf_counter() - t}
@@ -247,10 +247,14 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--attn", default=None, help="attn_implementation passed to from_pretrained (default: HF's)")
+    ap.add_argument("--runs", default=None,
+                    help="children as THREADS:FUSED pairs, e.g. 1:0,1:1,2:1 (FUSED 1 = HFConfig(fused_ops=True), "
+                         "0 = HF's own norm/MLP forwards, the default); default: --threads with FUSED 0")
     ap.add_argument("--shard-rows", type=int, default=256)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--pad-waste", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--fused", default="0", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         args.threads = int(args.threads)
@@ -261,10 +265,12 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     cands = args.candidates or synth_candidates(args.prepared, tmp / "candidates.parquet")
     runs = []
-    for i, th in enumerate(int(x) for x in args.threads.split(",")):
+    pairs = [tuple(int(v) for v in r.split(":")) for r in args.runs.split(",")] if args.runs else \
+        [(int(x), 0) for x in args.threads.split(",")]
+    for i, (th, fused) in enumerate(pairs):
         cmd = [sys.executable, __file__, "--child", "--prepared", str(args.prepared), "--candidates", str(cands),
                "--samples", str(args.samples), "--threads", str(th), "--batch-size", str(args.batch_size),
-               "--dtype", args.dtype, "--shard-rows", str(args.shard_rows)]
+               "--dtype", args.dtype, "--shard-rows", str(args.shard_rows), "--fused", str(fused)]
         cmd += ["--attn", args.attn] if args.attn else []
         cmd += ["--pad-waste"] if i == 0 else []
         p = subprocess.run(cmd, capture_output=True, text=True,
@@ -275,7 +281,7 @@ def main() -> None:
         runs.append(r)
         ph = ", ".join(f"{k} {v:.2f}" for k, v in r["phases_s"].items())
         ly = ", ".join(f"{k} {v:.2f}" for k, v in r["forward_by_layer_type_s"].items())
-        print(f"threads {th} ({r['dtype']}, {r['attn_implementation']}, load {r['load_avg_before']}): "
+        print(f"threads {th}, fused {r['fused']} ({r['dtype']}, {r['attn_implementation']}, load {r['load_avg_before']}): "
               f"{r['samples_per_s_end_to_end']:.2f} samples/s; phases s: {ph}; forward by type s: {ly}; "
               f"GEMM peak square {r['gemm']['square_2048_gflops']:.0f} / model shapes "
               f"{r['gemm']['model_shapes_gflops']:.0f} GFLOP/s; forward {r['fraction_of_model_shape_peak_forward']:.0%}, "
