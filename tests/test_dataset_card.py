@@ -103,6 +103,7 @@ def test_card_is_written_only_for_a_complete_store_and_by_merge(tmp_path: Path):
     assert (merged / CARD).read_text() == (whole / CARD).read_text()
 
 
+@pytest.mark.slow  # four installed-command runs: 108 s at load 8-12 on 2 cores (about 3 CPU-seconds each)
 def test_verify_checks_the_card_header_against_the_manifest(tmp_path: Path):
     """Decision: `cache verify` compares the card's front matter (what `datasets` readers go by: shards, features,
     fingerprint) with the manifest and fails on a difference; the prose is free to edit; no card is no problem
