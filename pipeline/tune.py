@@ -215,7 +215,9 @@ def train(model: torch.nn.Module, examples: list[TuneExample], ident_ids: list[i
             g["lr"] = lr_at(state.step, total_steps, cfg)
         opt.zero_grad(set_to_none=True)
         chunk = order[state.seen: state.seen + per_step]
-        step_loss = 0.0
+        # summed on the device (float64, as a Python float would) and read once per optimizer step:
+        # a float() per micro-batch would wait for the GPU every time
+        step_loss_t = torch.zeros((), dtype=torch.float64, device=device)
         for m in range(0, len(chunk), cfg.batch_size):
             idx = chunk[m: m + cfg.batch_size]
             torch.manual_seed(cfg.seed * 1_000_003 + state.seen + m)  # dropout: same masks after a resume
@@ -225,7 +227,8 @@ def train(model: torch.nn.Module, examples: list[TuneExample], ident_ids: list[i
                 logits = decision_logits(model, ids, mask, pos, ident_ids)
             loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum") / len(chunk)
             loss.backward()
-            step_loss += float(loss.detach())
+            step_loss_t += loss.detach()
+        step_loss = float(step_loss_t)
         if not math.isfinite(step_loss):
             raise RuntimeError(f"the tuning loss is not finite at step {state.step}; lower --lr or use --dtype float32")
         opt.step()
