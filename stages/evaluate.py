@@ -20,7 +20,6 @@ from pipeline.checkpoint import load_student
 from pipeline.distill import position_mean_scores
 from pipeline.errors import UsageError
 from pipeline.metrics import DEFAULT_METRICS, per_user
-from pipeline.plots import plot_comparison, plot_teacher, plot_training
 from pipeline.prepared import Prepared, load_prepared
 from pipeline.sasrec import SASRec
 from pipeline.sequences import left_pad
@@ -194,6 +193,9 @@ def evaluate(
         out["teacher"] = teacher
     notes = {n: _describe(m) for n, m in (("baseline", meta_b), ("distilled", meta_d))}
     with writing(plots):
+        # matplotlib only here: every other command, and `gedistill --help`, loads without it
+        from pipeline.plots import plot_comparison, plot_teacher, plot_training
+
         pngs = [plot_training({"baseline": _history(baseline), "distilled": _history(distilled)},
                               plots / "training.png", notes),
                 plot_comparison(diffs, plots / "comparison.png")]
