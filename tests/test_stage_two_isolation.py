@@ -1,4 +1,4 @@
-"""Stage two runs from a teacher store alone: `student-train --teacher-cache` never imports an LLM stack."""
+"""Stage two runs from a teacher store alone: `student-train --teacher-cache` never imports an LLM stack (transformers, vllm, peft) or Ray."""
 
 import json
 import os
@@ -22,7 +22,7 @@ try:
     main()
 except SystemExit as e:
     code = e.code or 0
-bad = sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'vllm'))
+bad = sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'vllm', 'ray', 'peft'))
 print('STAGE2-REPORT ' + json.dumps({'code': code, 'bad': bad}))
 """
 
