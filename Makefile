@@ -25,12 +25,12 @@ setup: $(STAMP)
 # The default profile only (the embedded teacher, zero-shot). `make run-tuned` adds teacher-tune.
 run: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro evaluate
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc metrics show
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc metrics show data/metrics/summary.json
 
 # The `tuned` profile: retrieve -> teacher-tune -> teacher-dump -> distill -> evaluate (params.yaml teacher_tune).
 run-tuned: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro evaluate_tuned
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc metrics show
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc metrics show data/metrics/summary.json data/metrics/summary-tuned.json
 
 # The whole suite, the vLLM parity tests included: make test sets vLLM up first (make run never needs it:
 # on a CPU the default backend is HF). A vLLM that does not import fails here, before pytest; with CI set
