@@ -145,15 +145,16 @@ def child_epochs(a: argparse.Namespace) -> dict:
             "peak_rss_mib": _peak_rss_mib(), "threads": torch.get_num_threads()}
 
 
-def child_steps(a: argparse.Namespace) -> dict:
-    """Baseline and distilled optimizer steps interleaved in one process: load hits both alike."""
+def _step_setup(a: argparse.Namespace):
+    """What the step-level children share: the data, a fresh SASRec, the distillation objective over the
+    store, one Adam over both, the training windows and a seeded generator."""
     import torch
 
     from pipeline.distill import DistillConfig, DistillObjective, open_teacher_store
     from pipeline.prepared import load_prepared
     from pipeline.sasrec import SASRec, SasrecConfig
     from pipeline.sequences import training_windows
-    from pipeline.train import TrainConfig, next_item_loss
+    from pipeline.train import TrainConfig
 
     _threads(a.threads)
     data = load_prepared(a.prepared)
@@ -165,6 +166,16 @@ def child_steps(a: argparse.Namespace) -> dict:
     opt = torch.optim.Adam(list(model.parameters()) + list(obj.parameters()), lr=1e-3)
     X, Y = (torch.from_numpy(x) for x in training_windows(data.train, mcfg.max_len))
     gen = torch.Generator().manual_seed(a.seed)
+    return data, model, obj, opt, X, Y, gen, tcfg
+
+
+def child_steps(a: argparse.Namespace) -> dict:
+    """Baseline and distilled optimizer steps interleaved in one process: load hits both alike."""
+    import torch
+
+    from pipeline.train import next_item_loss
+
+    _, model, obj, opt, X, Y, gen, tcfg = _step_setup(a)
     times: dict[str, list[float]] = {"baseline": [], "distilled": []}
     for i in range(a.steps + 3):
         for side in ("baseline", "distilled"):
@@ -192,22 +203,9 @@ def child_breakdown(a: argparse.Namespace) -> dict:
     the optimizer step. Plus one validation pass (what every epoch adds on both sides)."""
     import torch
 
-    from pipeline.distill import DistillConfig, DistillObjective, open_teacher_store
-    from pipeline.prepared import load_prepared
-    from pipeline.sasrec import SASRec, SasrecConfig
-    from pipeline.sequences import training_windows
-    from pipeline.train import TrainConfig, evaluate, next_item_loss
+    from pipeline.train import evaluate, next_item_loss
 
-    _threads(a.threads)
-    data = load_prepared(a.prepared)
-    mcfg, tcfg = SasrecConfig(n_items=data.n_items), TrainConfig()
-    torch.manual_seed(a.seed)
-    model = SASRec(mcfg).train()
-    obj = DistillObjective(DistillConfig(teacher_batch_size=a.teacher_batch_size), data,
-                           list(open_teacher_store(a.store, data).shard_paths), mcfg.hidden, mcfg.max_len)
-    opt = torch.optim.Adam(list(model.parameters()) + list(obj.parameters()), lr=1e-3)
-    X, Y = (torch.from_numpy(x) for x in training_windows(data.train, mcfg.max_len))
-    gen = torch.Generator().manual_seed(a.seed)
+    data, model, obj, opt, X, Y, gen, tcfg = _step_setup(a)
     acc: dict[str, float] = {}
 
     def timed(name, fn):

@@ -32,33 +32,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_teacher import synth_candidates  # noqa: E402  (the prompts every teacher benchmark uses)
+
 
 def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
-
-
-def synth_candidates(prepared: Path, out: Path, k: int = 20, seed: int = 0) -> Path:
-    """Last training position of each user, K random unseen items (the retriever's prompt shape)."""
-    from pipeline.candidates import write_candidates
-    from pipeline.prepared import load_prepared
-
-    data = load_prepared(prepared)
-    rng = np.random.default_rng(seed)
-    users, pos, tgt, cands = [], [], [], []
-    for u, t in enumerate(data.train):
-        p = len(t) - 1
-        seen = set(t[:p].tolist())
-        pool = np.array([i for i in range(1, data.n_items + 1) if i not in seen])
-        users.append(u), pos.append(p), tgt.append(t[p]), cands.append(rng.choice(pool, k, replace=False))
-    write_candidates(out, np.array(users), np.array(pos), np.array(tgt), np.array(cands),
-                     np.zeros((len(users), k), np.float32),
-                     {"prepared_fingerprint": data.fingerprint, "selection": "last 1 per user (random candidates)"})
-    return out
 
 
 def store_bytes(out: Path) -> dict[str, bytes]:

@@ -60,26 +60,32 @@ def synth_candidates(prepared: Path, out: Path, k: int = 20, seed: int = 0) -> P
     return out
 
 
+def prompt_ids(inputs, teacher) -> tuple[list[int], list[list[int]]]:
+    """The identifier token ids and teacher-dump's rendered prompt ids (its default settings) for `inputs`."""
+    from pipeline.teacher.dump import DumpConfig, _render
+    from pipeline.teacher.identifiers import identifier_token_ids, make_scheme
+    from pipeline.teacher.prompt import load_template
+
+    scheme = make_scheme("letters", inputs.k)
+    open_id = teacher.tokenizer.encode("[", add_special_tokens=False)[0]
+    prompts, _ = _render(inputs.samples, inputs, DumpConfig(), teacher.tokenizer, load_template(), scheme,
+                         teacher.context_length, open_id)
+    return identifier_token_ids(scheme, teacher.tokenizer), [p.input_ids for p in prompts]
+
+
 def run_one(args: argparse.Namespace) -> dict:
     """One configuration, in this process: render prompts, warm up, time the backend."""
     import torch
 
     from pipeline.teacher.convert import resolve_teacher
-    from pipeline.teacher.dump import DumpConfig, _render, load_inputs
+    from pipeline.teacher.dump import load_inputs
     from pipeline.teacher.hf_backend import HFConfig, HFTeacher
-    from pipeline.teacher.identifiers import identifier_token_ids, make_scheme
-    from pipeline.teacher.prompt import load_template
 
     torch.set_num_threads(args.threads)
     inputs = load_inputs(args.prepared, args.candidates, limit=args.prompts)
     teacher = HFTeacher(HFConfig(resolve_teacher("embedded").location, dtype=args.dtype, batch_size=args.batch_size,
                                  max_new_tokens=args.max_new_tokens))
-    scheme = make_scheme("letters", inputs.k)
-    ident = identifier_token_ids(scheme, teacher.tokenizer)
-    open_id = teacher.tokenizer.encode("[", add_special_tokens=False)[0]
-    prompts, _ = _render(inputs.samples, inputs, DumpConfig(), teacher.tokenizer, load_template(), scheme,
-                         teacher.context_length, open_id)
-    ids = [p.input_ids for p in prompts]
+    ident, ids = prompt_ids(inputs, teacher)
     teacher.run(ids[: args.batch_size], ident, args.mode)  # warm-up
     t = time.perf_counter()
     teacher.run(ids, ident, args.mode)
@@ -111,10 +117,8 @@ def run_variants(args: argparse.Namespace) -> dict:
     import torch
 
     from pipeline.teacher.convert import resolve_teacher
-    from pipeline.teacher.dump import DumpConfig, _render, load_inputs
+    from pipeline.teacher.dump import load_inputs
     from pipeline.teacher.hf_backend import HFConfig, HFTeacher
-    from pipeline.teacher.identifiers import identifier_token_ids, make_scheme
-    from pipeline.teacher.prompt import load_template
 
     torch.set_num_threads(args.threads)
     names = args.variants.split(",")
@@ -127,12 +131,7 @@ def run_variants(args: argparse.Namespace) -> dict:
             or HFTeacher(HFConfig(loc, dtype=args.dtype, batch_size=bs, **over))
     t0 = teachers[names[0]]
     inputs = load_inputs(args.prepared, args.candidates, limit=args.prompts)
-    scheme = make_scheme("letters", inputs.k)
-    ident = identifier_token_ids(scheme, t0.tokenizer)
-    open_id = t0.tokenizer.encode("[", add_special_tokens=False)[0]
-    prompts, _ = _render(inputs.samples, inputs, DumpConfig(), t0.tokenizer, load_template(), scheme,
-                         t0.context_length, open_id)
-    ids = [p.input_ids for p in prompts]
+    ident, ids = prompt_ids(inputs, t0)
 
     def right_pad_run(t: HFTeacher, bs: int):
         order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
