@@ -6,7 +6,7 @@ Data: the prepared MovieLens-100K (`--prepared`, default data/prepared; run `ged
 first). Teacher stores are synthetic but contract-shaped (written with pipeline.store's writer):
 random candidates holding the target, a random ranking and scores, random h_dec rows.
 
-1. Epoch time. `pipeline.train.fit` with the project defaults (hidden 64, 2 blocks, max length
+1. Epoch time. `pipeline.student.train.fit` with the project defaults (hidden 64, 2 blocks, max length
    50, full-softmax CE; TrainConfig's batch: 64 windows when the recorded results were measured, 16 since), baseline and distilled alternating in fresh child
    processes, `--epochs` epochs each; a side's figure is the median of `history[].train_seconds`
    (validation excluded). The distilled store: the last `--last-m` training positions of every
@@ -71,7 +71,7 @@ def write_synthetic_store(root: Path, prepared_dir: Path, *, last_m: int, repeat
     """Samples = the last `last_m` training positions per user, repeated `repeat` times; written shard by shard."""
     import pyarrow as pa
 
-    from pipeline.prepared import load_prepared
+    from pipeline.data.prepared import load_prepared
     from pipeline.store import StoreSpec, StoreWriter
 
     data = load_prepared(prepared_dir)
@@ -123,10 +123,10 @@ def write_synthetic_store(root: Path, prepared_dir: Path, *, last_m: int, repeat
 def child_epochs(a: argparse.Namespace) -> dict:
     import torch
 
-    from pipeline.distill import DistillConfig, DistillObjective, open_teacher_store
-    from pipeline.prepared import load_prepared
-    from pipeline.sasrec import SASRec, SasrecConfig
-    from pipeline.train import TrainConfig, fit
+    from pipeline.student.distill import DistillConfig, DistillObjective, open_teacher_store
+    from pipeline.data.prepared import load_prepared
+    from pipeline.student.sasrec import SASRec, SasrecConfig
+    from pipeline.student.train import TrainConfig, fit
 
     _threads(a.threads)
     data = load_prepared(a.prepared)
@@ -150,11 +150,11 @@ def _step_setup(a: argparse.Namespace):
     store, one Adam over both, the training windows and a seeded generator."""
     import torch
 
-    from pipeline.distill import DistillConfig, DistillObjective, open_teacher_store
-    from pipeline.prepared import load_prepared
-    from pipeline.sasrec import SASRec, SasrecConfig
-    from pipeline.sequences import training_windows
-    from pipeline.train import TrainConfig
+    from pipeline.student.distill import DistillConfig, DistillObjective, open_teacher_store
+    from pipeline.data.prepared import load_prepared
+    from pipeline.student.sasrec import SASRec, SasrecConfig
+    from pipeline.data.sequences import training_windows
+    from pipeline.student.train import TrainConfig
 
     _threads(a.threads)
     data = load_prepared(a.prepared)
@@ -173,7 +173,7 @@ def child_steps(a: argparse.Namespace) -> dict:
     """Baseline and distilled optimizer steps interleaved in one process: load hits both alike."""
     import torch
 
-    from pipeline.train import next_item_loss
+    from pipeline.student.train import next_item_loss
 
     _, model, obj, opt, X, Y, gen, tcfg = _step_setup(a)
     times: dict[str, list[float]] = {"baseline": [], "distilled": []}
@@ -203,7 +203,7 @@ def child_breakdown(a: argparse.Namespace) -> dict:
     the optimizer step. Plus one validation pass (what every epoch adds on both sides)."""
     import torch
 
-    from pipeline.train import evaluate, next_item_loss
+    from pipeline.student.train import evaluate, next_item_loss
 
     data, model, obj, opt, X, Y, gen, tcfg = _step_setup(a)
     acc: dict[str, float] = {}
@@ -263,7 +263,7 @@ def child_stream(a: argparse.Namespace) -> dict:
     path (re-reading and decoding the Parquet row groups every pass), interleaved in one process, one
     epoch's worth of draws (151 steps at the default batch of 16 windows) per round."""
     from pipeline.store import open_store
-    from pipeline.teacher_stream import TeacherStream
+    from pipeline.student.teacher_stream import TeacherStream
 
     shards = list(open_store(a.store, checksums=False).shard_paths)
     streams = {"replay (after)": TeacherStream(shards, a.teacher_batch_size, seed=0),
@@ -286,9 +286,9 @@ def child_stream(a: argparse.Namespace) -> dict:
 def child_memory(a: argparse.Namespace) -> dict:
     import torch
 
-    from pipeline.distill import DistillConfig, DistillObjective, open_teacher_store
-    from pipeline.prepared import load_prepared
-    from pipeline.sasrec import SASRec, SasrecConfig
+    from pipeline.student.distill import DistillConfig, DistillObjective, open_teacher_store
+    from pipeline.data.prepared import load_prepared
+    from pipeline.student.sasrec import SASRec, SasrecConfig
 
     _threads(a.threads)
     data = load_prepared(a.prepared)

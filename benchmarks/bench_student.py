@@ -12,7 +12,7 @@ epoch time is the median over `--epochs` training epochs, validation excluded.
 What "one epoch" means on each side (both are one pass over every training target once):
 - RecBole: 97,171 prefix samples (one per training interaction after a user's first), each a
   left-padded window of at most 50 items, loss on its last position; batch 2048.
-- ours (`pipeline.train.fit`, the project's defaults): every training target once, packed into
+- ours (`pipeline.student.train.fit`, the project's defaults): every training target once, packed into
   windows of 50 with a loss at every position (TrainConfig.batch_size windows per step).
 
 The parent writes benchmarks/results/bench_student.json and prints a summary; the ratio
@@ -115,10 +115,10 @@ def side_ours(threads: int, epochs: int, seed: int) -> dict:
 
     sys.path.insert(0, str(REPO))
     import torch
-    from pipeline.prepared import load_prepared
-    from pipeline.sasrec import SASRec, SasrecConfig
-    from pipeline.sequences import training_windows
-    from pipeline.train import TrainConfig, fit
+    from pipeline.data.prepared import load_prepared
+    from pipeline.student.sasrec import SASRec, SasrecConfig
+    from pipeline.data.sequences import training_windows
+    from pipeline.student.train import TrainConfig, fit
     from stages.prepare import prepare
 
     _set_threads(threads)
@@ -141,7 +141,7 @@ def side_ours(threads: int, epochs: int, seed: int) -> dict:
         print(f"ours epoch {e}: {t:.1f}s", file=sys.stderr, flush=True)
     return {
         "side": "ours",
-        "impl": "pipeline.train.fit (history[].train_seconds; validation excluded)",
+        "impl": "pipeline.student.train.fit (history[].train_seconds; validation excluded)",
         "train_targets": int((Y != 0).sum()),
         "windows": int(len(X)),
         "batch_size_windows": tcfg.batch_size,

@@ -43,8 +43,8 @@ def gemm_peak(dtype_name: str, threads: int, n: int = 2048, reps: int = 5) -> fl
 
 
 def synth_candidates(prepared: Path, out: Path, k: int = 20, seed: int = 0) -> Path:
-    from pipeline.candidates import write_candidates
-    from pipeline.prepared import load_prepared
+    from pipeline.data.candidates import write_candidates
+    from pipeline.data.prepared import load_prepared
 
     data = load_prepared(prepared)
     rng = np.random.default_rng(seed)

@@ -52,9 +52,9 @@ def _students(world, root: Path) -> tuple[Path, Path]:
     """Two untrained students of the prepared data: evaluate needs checkpoints, not good ones."""
     import torch
 
-    from pipeline.checkpoint import save_student
-    from pipeline.prepared import load_prepared
-    from pipeline.sasrec import SASRec, SasrecConfig
+    from pipeline.student.checkpoint import save_student
+    from pipeline.data.prepared import load_prepared
+    from pipeline.student.sasrec import SASRec, SasrecConfig
 
     data = load_prepared(world.prepared)
     out = []
@@ -128,7 +128,7 @@ def _store_rows(store: Path):
 
 
 def kill(args: argparse.Namespace) -> dict:
-    from pipeline.store_faults import ENV, POINTS
+    from pipeline.store.faults import ENV, POINTS
     from tests.teacher_fixtures import make_inputs
 
     root = Path(tempfile.mkdtemp(prefix="campaign-kill-"))
@@ -200,7 +200,7 @@ def verify_cost(args: argparse.Namespace) -> dict:
     import pyarrow as pa
 
     from pipeline.store import StoreSpec, StoreWriter, sha256_file
-    from pipeline.store_check import verify_store
+    from pipeline.store.check import verify_store
 
     n, k, width, shard_rows = 20_000, 20, 576, 2048
     rng = np.random.default_rng(0)

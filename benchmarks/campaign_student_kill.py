@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("GEDISTILL_NO_PROGRESS", "1")
 
-from pipeline.checkpoint import COMPLETE, WEIGHTS, load_student  # noqa: E402
+from pipeline.student.checkpoint import COMPLETE, WEIGHTS, load_student  # noqa: E402
 from pipeline.errors import UsageError  # noqa: E402
 
 EXE = str(Path(sys.executable).parent / "gedistill")
@@ -66,7 +66,7 @@ def _run(args: list[str], **kw) -> subprocess.CompletedProcess:
 
 def setup(root: Path) -> dict:
     """Prepared data (through the installed command) and a teacher store that matches it."""
-    from pipeline.prepared import load_prepared
+    from pipeline.data.prepared import load_prepared
     from tests.conftest import synthetic_interactions
     from tests.distill_helpers import teacher_rows, write_teacher_store
 

@@ -38,7 +38,7 @@ SETTINGS = [  # (name, extra args)
 
 
 def synthetic(work: Path) -> tuple[Path, Path, list[str]]:
-    from pipeline.prepared import load_prepared
+    from pipeline.data.prepared import load_prepared
     from tests.distill_helpers import cluster_teacher_rows, cluster_world, write_teacher_store, write_world
 
     world = cluster_world(n_users=150, length=15, n_items=600, n_clusters=30, seed=0)

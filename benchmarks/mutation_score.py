@@ -41,16 +41,16 @@ _STORE_TESTS = ["tests/test_store.py", "tests/test_store_corruption.py", "tests/
                 "--deselect=tests/test_store.py::test_store_reader_imports_no_llm_stack",
                 "--deselect=tests/test_store_corruption.py::test_installed_cache_verify_and_merge_exit_2_naming_the_file"]
 MODULES: dict[str, tuple[str, list[str]]] = {
-    "metrics": ("pipeline/metrics.py", ["tests/test_metrics.py", "tests/test_mut_metrics.py"]),
-    "stats": ("pipeline/stats.py", ["tests/test_stats.py", "tests/test_mut_stats.py"]),
-    "losses_distill": ("pipeline/losses_distill.py",
+    "metrics": ("pipeline/evaluation/metrics.py", ["tests/test_metrics.py", "tests/test_mut_metrics.py"]),
+    "stats": ("pipeline/evaluation/stats.py", ["tests/test_stats.py", "tests/test_mut_stats.py"]),
+    "losses_distill": ("pipeline/student/losses_distill.py",
                        ["tests/test_distill.py", "tests/test_distill_targets.py", "tests/test_mut_losses.py"]),
-    "distill": ("pipeline/distill.py",
+    "distill": ("pipeline/student/distill.py",
                 ["tests/test_distill.py", "tests/test_distill_targets.py", "tests/test_mut_distill.py"]),
     # The store: writer, format, reader, verify, merge. test_store_faults kills subprocesses, which
     # import the unmutated copy, so it cannot catch a mutant and is left out.
-    "store": ("pipeline/store.py pipeline/store_format.py pipeline/store_read.py pipeline/store_check.py "
-              "pipeline/store_merge.py", _STORE_TESTS),
+    "store": ("pipeline/store/__init__.py pipeline/store/format.py pipeline/store/read.py pipeline/store/check.py "
+              "pipeline/store/merge.py", _STORE_TESTS),
     "prompt": ("pipeline/teacher/prompt.py", ["tests/test_teacher_prompt.py", "tests/test_mut_prompt.py"]),
     "parse": ("pipeline/teacher/parse.py", ["tests/test_teacher_parse.py", "tests/test_mut_parse.py",
                                             "tests/test_teacher_generate.py::test_generation_status_order"]),
@@ -58,10 +58,10 @@ MODULES: dict[str, tuple[str, list[str]]] = {
                     ["tests/test_teacher_prompt.py", "tests/test_mut_identifiers.py"]),
     # test_cli_foundation's end-to-end test trains a student for every mutant it reaches: only its
     # direct selection test runs here; test_mut_candidates checks top_k and the file without training.
-    "candidates": ("pipeline/candidates.py", ["tests/test_cli_foundation.py::test_sample_selection_last_positions_and_skip",
+    "candidates": ("pipeline/data/candidates.py", ["tests/test_cli_foundation.py::test_sample_selection_last_positions_and_skip",
                                               "tests/test_mut_candidates.py"]),
-    "sequences": ("pipeline/sequences.py", ["tests/test_sasrec.py", "tests/test_mut_sequences.py"]),
-    "prepare": ("pipeline/prepare.py", ["tests/test_prepare.py", "tests/test_mut_prepare.py"]),
+    "sequences": ("pipeline/data/sequences.py", ["tests/test_sasrec.py", "tests/test_mut_sequences.py"]),
+    "prepare": ("pipeline/data/prepare.py", ["tests/test_prepare.py", "tests/test_mut_prepare.py"]),
 }
 
 # mutmut's exit codes per mutant (mutmut/stats.py): 1 and 3 killed, 0 survived, 33/5 no tests ran it,

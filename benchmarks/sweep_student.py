@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/sweep_student.py --name maxlen200 --max-len 200 --seeds 2020 1 2
 
-Each run trains `pipeline.train.fit` on data/prepared (made by `gedistill prepare`) at one torch
+Each run trains `pipeline.student.train.fit` on data/prepared (made by `gedistill prepare`) at one torch
 thread (defaults: the project's, from SasrecConfig/TrainConfig) and appends one JSON line per seed to benchmarks/results/sweep_student.jsonl: the settings,
 best epoch, epochs run, seconds, and unmasked valid/test metrics. `--summary` prints the mean and
 standard error per setting name, ranked by validation NDCG@10 (the selection criterion), test after;
@@ -57,8 +57,8 @@ def summary(path: Path, seeds: list[int] | None = None) -> list[str]:
 
 
 def main() -> None:
-    from pipeline.sasrec import SasrecConfig
-    from pipeline.train import TrainConfig
+    from pipeline.student.sasrec import SasrecConfig
+    from pipeline.student.train import TrainConfig
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name")
@@ -86,9 +86,9 @@ def main() -> None:
 
     import torch
 
-    from pipeline.prepared import load_prepared
-    from pipeline.sasrec import SASRec
-    from pipeline.train import evaluate, fit
+    from pipeline.data.prepared import load_prepared
+    from pipeline.student.sasrec import SASRec
+    from pipeline.student.train import evaluate, fit
 
     torch.set_num_threads(a.threads)
     data = load_prepared(a.prepared)

@@ -13,11 +13,11 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.errors import UsageError
-from pipeline.prepared import Prepared, load_prepared
+from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.store import MANIFEST
-from pipeline.store_card import CARD, check_card, is_our_card, write_dataset_card
-from pipeline.store_check import verify_store
-from pipeline.store_merge import merge_stores
+from pipeline.store.card import CARD, check_card, is_our_card, write_dataset_card
+from pipeline.store.check import verify_store
+from pipeline.store.merge import merge_stores
 
 app = typer.Typer(help="Inspect, verify and merge teacher stores.", no_args_is_help=True)
 

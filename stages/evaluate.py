@@ -16,17 +16,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.checkpoint import load_student
-from pipeline.distill import position_mean_scores
+from pipeline.student.checkpoint import load_student
+from pipeline.student.distill import position_mean_scores
 from pipeline.errors import UsageError
-from pipeline.metrics import DEFAULT_METRICS, per_user
-from pipeline.prepared import Prepared, load_prepared
-from pipeline.sasrec import SASRec
-from pipeline.sequences import left_pad
-from pipeline.stats import PairedDiff, paired_bootstrap
+from pipeline.evaluation.metrics import DEFAULT_METRICS, per_user
+from pipeline.data.prepared import Prepared, load_prepared
+from pipeline.student.sasrec import SASRec
+from pipeline.data.sequences import left_pad
+from pipeline.evaluation.stats import PairedDiff, paired_bootstrap
 from pipeline.store import iter_batches, open_store
-from pipeline.teacher_quality import TeacherQuality
-from pipeline.train import rank_targets, split_inputs
+from pipeline.evaluation.teacher_quality import TeacherQuality
+from pipeline.student.train import rank_targets, split_inputs
 from stages.outputs import ensure_writable, write_text_atomic, writing
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ def evaluate(
     notes = {n: _describe(m) for n, m in (("baseline", meta_b), ("distilled", meta_d))}
     with writing(plots):
         # matplotlib only here: every other command, and `gedistill --help`, loads without it
-        from pipeline.plots import plot_comparison, plot_teacher, plot_training
+        from pipeline.evaluation.plots import plot_comparison, plot_teacher, plot_training
 
         pngs = [plot_training({"baseline": _history(baseline), "distilled": _history(distilled)},
                               plots / "training.png", notes),

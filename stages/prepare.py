@@ -11,9 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.errors import UsageError
-from pipeline.prepare import PrepareConfig, build_sequences
-from pipeline.prepared import write_prepared
-from pipeline.sources import Columns, embedded_items_frame, embedded_ml100k, read_interactions, read_items
+from pipeline.data.prepare import PrepareConfig, build_sequences
+from pipeline.data.prepared import write_prepared
+from pipeline.data.sources import Columns, embedded_items_frame, embedded_ml100k, read_interactions, read_items
 from stages.outputs import ensure_writable, writing
 
 log = logging.getLogger(__name__)

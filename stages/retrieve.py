@@ -9,10 +9,10 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from pipeline.candidates import select_samples, top_k, write_candidates
-from pipeline.checkpoint import load_student
+from pipeline.data.candidates import select_samples, top_k, write_candidates
+from pipeline.student.checkpoint import load_student
 from pipeline.errors import UsageError
-from pipeline.prepared import load_prepared
+from pipeline.data.prepared import load_prepared
 from pipeline.store import sha256_file
 from stages.outputs import ensure_writable, set_threads, writing
 

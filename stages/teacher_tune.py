@@ -65,8 +65,8 @@ def teacher_tune(
         raise UsageError("teacher-tune needs peft: `pip install -e '.[tune]'` (or `make setup`)") from None
     import torch
 
-    from pipeline.tune import TuneConfig
-    from pipeline.tune_run import TuneRunConfig, run_tune
+    from pipeline.teacher.tune import TuneConfig
+    from pipeline.teacher.tune_run import TuneRunConfig, run_tune
 
     if threads > 0:
         torch.set_num_threads(threads)

@@ -16,13 +16,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.checkpoint import invalidate, save_student
-from pipeline.distill import DistillConfig, DistillObjective, init_from_baseline, open_teacher_store
+from pipeline.student.checkpoint import invalidate, save_student
+from pipeline.student.distill import DistillConfig, DistillObjective, init_from_baseline, open_teacher_store
 from pipeline.errors import UsageError
-from pipeline.metrics import DEFAULT_METRICS, summarize
-from pipeline.prepared import Prepared, load_prepared
-from pipeline.sasrec import SASRec, SasrecConfig
-from pipeline.train import FitResult, TrainConfig, fit, rank_targets, split_inputs
+from pipeline.evaluation.metrics import DEFAULT_METRICS, summarize
+from pipeline.data.prepared import Prepared, load_prepared
+from pipeline.student.sasrec import SASRec, SasrecConfig
+from pipeline.student.train import FitResult, TrainConfig, fit, rank_targets, split_inputs
 from stages.outputs import ensure_writable, set_threads, write_text_atomic, writing  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)

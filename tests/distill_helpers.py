@@ -120,7 +120,7 @@ def write_world(folder: Path, world: dict) -> Path:
     """Write the world as prepared data (the contract of `gedistill prepare`)."""
     import polars as pl
 
-    from pipeline.prepared import write_prepared
+    from pipeline.data.prepared import write_prepared
 
     n_users, n_items = len(world["train"]), world["n_items"]
     seqs = pl.DataFrame({

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import numpy as np
 import polars as pl
 
-from pipeline.candidates import write_candidates
-from pipeline.prepared import write_prepared
+from pipeline.data.candidates import write_candidates
+from pipeline.data.prepared import write_prepared
 
 TITLES = ["Toy Story (1995)", "GoldenEye (1995)", "Four Rooms (1995)", "Get Shorty (1995)", "Copycat (1995)",
           "Twelve Monkeys (1995)", "Babe (1995)", "Dead Man Walking (1995)", "Richard III (1995)",

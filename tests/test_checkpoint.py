@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import pipeline.checkpoint as ckpt
-from pipeline.checkpoint import COMPLETE, CONFIG, WEIGHTS, load_student, save_student
+import pipeline.student.checkpoint as ckpt
+from pipeline.student.checkpoint import COMPLETE, CONFIG, WEIGHTS, load_student, save_student
 from pipeline.errors import UsageError
-from pipeline.sasrec import SASRec, SasrecConfig
+from pipeline.student.sasrec import SASRec, SasrecConfig
 
 
 class Killed(BaseException):

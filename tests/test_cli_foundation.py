@@ -6,10 +6,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from pipeline.candidates import read_candidates
-from pipeline.checkpoint import load_student
-from pipeline.prepared import load_prepared
-from pipeline.train import evaluate
+from pipeline.data.candidates import read_candidates
+from pipeline.student.checkpoint import load_student
+from pipeline.data.prepared import load_prepared
+from pipeline.student.train import evaluate
 from stages.cli import main
 
 
@@ -82,7 +82,7 @@ def test_usage_errors_exit_2_with_messages(tmp_path: Path, capsys):
 def test_sample_selection_last_positions_and_skip():
     import numpy as np
 
-    from pipeline.candidates import select_samples
+    from pipeline.data.candidates import select_samples
 
     train = [np.arange(1, 7), np.arange(1, 3)]  # lengths 6 and 2
     u, p = select_samples(train, 2)

@@ -1,6 +1,6 @@
 """Loading the CLI does not load matplotlib: the GPU machine (benchmarks/gpu_tune.py) and any stage-one-only
 environment run teacher-tune / teacher-dump without it. Fails if a module the CLI imports at load time
-imports pipeline.plots (or matplotlib) at its top again, as stages/evaluate.py did."""
+imports pipeline.evaluation.plots (or matplotlib) at its top again, as stages/evaluate.py did."""
 
 from __future__ import annotations
 

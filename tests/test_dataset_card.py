@@ -1,4 +1,4 @@
-"""The teacher store's dataset card (README.md, pipeline/store_card.py): `datasets.load_dataset(store_dir)` reads
+"""The teacher store's dataset card (README.md, pipeline/store/card.py): `datasets.load_dataset(store_dir)` reads
 exactly the shards, `h_dec` as a fixed-length float list; the card is deterministic; `cache verify` checks its
 header against the manifest; the writer never deletes a README it did not write."""
 
@@ -17,8 +17,8 @@ import pytest
 
 from pipeline.errors import UsageError
 from pipeline.store import StoreSpec, StoreWriter, open_store
-from pipeline.store_card import CARD, MARKER, check_card, front_matter
-from pipeline.store_merge import merge_stores
+from pipeline.store.card import CARD, MARKER, check_card, front_matter
+from pipeline.store.merge import merge_stores
 from pipeline.teacher.dump import DumpConfig, load_inputs, run_dump
 from tests.teacher_fixtures import FAKE_TEACHER, FakeBackend, make_inputs
 

@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from pipeline.errors import UsageError
-from pipeline.losses_distill import (
+from pipeline.student.losses_distill import (
     embedding_loss,
     importance_weights,
     listnet_loss,
     ranks_from_ranking,
     teacher_distribution,
 )
-from pipeline.teacher_stream import TeacherStream
+from pipeline.student.teacher_stream import TeacherStream
 from tests.distill_helpers import teacher_rows, write_store
 
 
@@ -152,7 +152,7 @@ def test_stream_drops_failed_rows_and_empty_histories(tmp_path):
 
 
 def test_config_refuses_bad_settings():
-    from pipeline.distill import DistillConfig
+    from pipeline.student.distill import DistillConfig
 
     with pytest.raises(UsageError, match="emb_loss"):
         DistillConfig(emb_loss="l1")
@@ -162,9 +162,9 @@ def test_config_refuses_bad_settings():
 
 # ---------------------------------------------------------------- the objective in the training loop
 
-from pipeline.distill import DistillConfig, DistillObjective, init_from_baseline, open_teacher_store  # noqa: E402
-from pipeline.prepared import load_prepared  # noqa: E402
-from pipeline.sasrec import SASRec, SasrecConfig  # noqa: E402
+from pipeline.student.distill import DistillConfig, DistillObjective, init_from_baseline, open_teacher_store  # noqa: E402
+from pipeline.data.prepared import load_prepared  # noqa: E402
+from pipeline.student.sasrec import SASRec, SasrecConfig  # noqa: E402
 from tests.distill_helpers import cluster_teacher_rows, cluster_world, write_teacher_store, write_world  # noqa: E402
 
 
@@ -215,7 +215,7 @@ def test_store_rows_that_disagree_with_the_sequences_are_refused(small, tmp_path
 
 def test_store_from_other_candidates_is_refused(small, tmp_path):
     root, world, prepared = small
-    from pipeline.candidates import write_candidates
+    from pipeline.data.candidates import write_candidates
 
     cands = tmp_path / "candidates.parquet"
     write_candidates(cands, np.array([0]), np.array([1]), np.array([world["train"][0][1]]),
@@ -226,7 +226,7 @@ def test_store_from_other_candidates_is_refused(small, tmp_path):
 
 def test_init_from_baseline_copies_weights_and_refuses_another_architecture(small, tmp_path):
     root, world, prepared = small
-    from pipeline.checkpoint import save_student
+    from pipeline.student.checkpoint import save_student
 
     base = _model(world["n_items"])
     with torch.no_grad():
@@ -243,8 +243,8 @@ def test_init_from_baseline_copies_weights_and_refuses_another_architecture(smal
 
 def _cluster_precision(model, prepared, world, k=20):
     """Per test user: the fraction of the top-k items that lie in the cluster the hidden rule says comes next."""
-    from pipeline.sequences import left_pad
-    from pipeline.train import split_inputs
+    from pipeline.data.sequences import left_pad
+    from pipeline.student.train import split_inputs
 
     hist, _ = split_inputs(prepared, "test")
     with torch.no_grad():
@@ -264,9 +264,9 @@ def test_transfer_proof_oracle_teacher_helps_and_shuffled_teacher_does_not(tmp_p
     cluster mates, and its h_dec encodes the target's cluster. The shuffled teacher ranks at random
     and its h_dec describes a random item.
     """
-    from pipeline.metrics import per_user
-    from pipeline.stats import paired_bootstrap
-    from pipeline.train import TrainConfig, fit, rank_targets, split_inputs
+    from pipeline.evaluation.metrics import per_user
+    from pipeline.evaluation.stats import paired_bootstrap
+    from pipeline.student.train import TrainConfig, fit, rank_targets, split_inputs
 
     torch.set_num_threads(1)
     world = cluster_world(n_users=150, length=15, n_items=600, n_clusters=30, seed=0)
@@ -303,7 +303,7 @@ def test_transfer_proof_oracle_teacher_helps_and_shuffled_teacher_does_not(tmp_p
 
 
 def test_calibration_removes_a_position_bias(tmp_path):
-    from pipeline.distill import position_mean_scores
+    from pipeline.student.distill import position_mean_scores
 
     train = _toy_train(n_users=60, length=10)
     cols = teacher_rows(train, 50, k=6, width=4, last_m=5)  # oracle: target ranked first

@@ -13,11 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.distill import DistillConfig, DistillObjective, open_teacher_store, position_mean_scores
+from pipeline.student.distill import DistillConfig, DistillObjective, open_teacher_store, position_mean_scores
 from pipeline.errors import UsageError
-from pipeline.prepared import load_prepared
-from pipeline.sasrec import SASRec, SasrecConfig
-from pipeline.sequences import left_pad
+from pipeline.data.prepared import load_prepared
+from pipeline.student.sasrec import SASRec, SasrecConfig
+from pipeline.data.sequences import left_pad
 from tests.distill_helpers import cluster_teacher_rows, cluster_world, hand_rows, write_teacher_store, write_world
 
 # softmax(-rank) for ranks (0, 1, 2): 1, e^-1, e^-2 over 1 + e^-1 + e^-2 = 1.5032147
@@ -195,7 +195,7 @@ def test_embedding_loss_alone_moves_the_student_toward_the_teachers_geometry(tmp
     embeddings of the store's samples take the geometry of the teacher's h_dec (linear CKA rises);
     with lambda_emb = 0 they do not. Fails if lambda_emb is ignored, or the embedding loss does not
     reach the student (e.g. u_sas detached)."""
-    from pipeline.train import TrainConfig, fit
+    from pipeline.student.train import TrainConfig, fit
 
     torch.set_num_threads(1)
     world = cluster_world(n_users=40, length=10, n_items=60, n_clusters=6, seed=3)

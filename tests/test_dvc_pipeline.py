@@ -153,7 +153,7 @@ def test_dependency_walk_sees_lazy_imports_and_package_data():
     prompt template read through importlib.resources: the dep test above would then pass vacuously."""
     files = {str(p.relative_to(ROOT)) for p in reached("stages.teacher_dump")}
     assert {"pipeline/teacher/hf_backend.py", "pipeline/teacher/convert.py",
-            "pipeline/templates/rank_prompt.txt", "pipeline/store.py", "pipeline/__init__.py"} <= files
+            "pipeline/templates/rank_prompt.txt", "pipeline/store/__init__.py", "pipeline/__init__.py"} <= files
     assert command_modules()["student-train"] == "stages.train_student"
 
 
@@ -175,7 +175,7 @@ def test_plots_carry_no_host_or_version_metadata(tmp_path: Path):
     on otherwise identical runs."""
     import numpy as np
 
-    from pipeline.plots import plot_teacher
+    from pipeline.evaluation.plots import plot_teacher
 
     path = plot_teacher(np.array([3, 1, 0]), {"teacher": np.array([1, 2, 1])}, tmp_path / "t.png")
     data = path.read_bytes()
@@ -392,7 +392,7 @@ def test_params_file_defines_every_parameter_the_stages_use():
 
 
 def _summary(diff: float, low: float, high: float) -> dict:
-    from pipeline.stats import PairedDiff
+    from pipeline.evaluation.stats import PairedDiff
     from stages.evaluate import summary_metrics
 
     d = PairedDiff(0.062234, 0.062234 + diff, diff, low, high, 0.01, 943, 2000, low > 0 or high < 0)

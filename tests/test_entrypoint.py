@@ -102,7 +102,7 @@ def project(tmp_path_factory) -> Path:
 
 def test_prepare_student_train_retrieve_succeed(project: Path):
     """The fixture ran them through the installed command; their outputs are readable by the next stage."""
-    from pipeline.candidates import read_candidates
+    from pipeline.data.candidates import read_candidates
 
     df, meta = read_candidates(project / "data/candidates/candidates.parquet")
     assert df.height == 60 and meta["k"] == 5

@@ -5,13 +5,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.checkpoint import save_student
-from pipeline.distill import DistillConfig, DistillObjective, open_teacher_store
+from pipeline.student.checkpoint import save_student
+from pipeline.student.distill import DistillConfig, DistillObjective, open_teacher_store
 from pipeline.errors import UsageError
-from pipeline.prepared import load_prepared
-from pipeline.sasrec import SASRec, SasrecConfig
-from pipeline.teacher_quality import TeacherQuality, ndcg_single
-from pipeline.train import TrainConfig, fit
+from pipeline.data.prepared import load_prepared
+from pipeline.student.sasrec import SASRec, SasrecConfig
+from pipeline.evaluation.teacher_quality import TeacherQuality, ndcg_single
+from pipeline.student.train import TrainConfig, fit
 from stages.cli import app
 from tests.distill_helpers import cluster_teacher_rows, cluster_world, write_teacher_store, write_world
 
@@ -128,9 +128,9 @@ def _evaluate_json(root, baseline, distilled, out, *extra) -> dict:
 def test_evaluate_tells_the_better_model_apart_on_the_test_split(trained, good_and_bad):
     """Fails if evaluate swaps the checkpoints (numbers under the wrong name, or a verdict naming the
     worse model), or compares on the validation split instead of test: each reported number must
-    equal pipeline.train.evaluate(model, data, "test") of the checkpoint given under that name."""
-    from pipeline.checkpoint import load_student
-    from pipeline.train import evaluate as split_metrics
+    equal pipeline.student.train.evaluate(model, data, "test") of the checkpoint given under that name."""
+    from pipeline.student.checkpoint import load_student
+    from pipeline.student.train import evaluate as split_metrics
 
     prepared = load_prepared(trained / "prepared")
     good, bad = good_and_bad
@@ -154,9 +154,9 @@ def test_evaluate_tells_the_better_model_apart_on_the_test_split(trained, good_a
 def test_evaluate_masked_writes_test_masked_with_masked_numbers(trained, good_and_bad):
     """Fails if `evaluate --masked` files its numbers under the key `test` (they would pass for the
     unmasked ones), or if they are not the masked test metrics of each checkpoint."""
-    from pipeline.checkpoint import load_student
-    from pipeline.metrics import summarize
-    from pipeline.train import rank_targets, split_inputs
+    from pipeline.student.checkpoint import load_student
+    from pipeline.evaluation.metrics import summarize
+    from pipeline.student.train import rank_targets, split_inputs
 
     prepared = load_prepared(trained / "prepared")
     good, bad = good_and_bad
@@ -194,7 +194,7 @@ def test_masked_ranks_mask_the_whole_history_by_hand():
     Unmasked: items 1, 2, 3 outrank 4 -> rank 3. Whole history masked -> rank 0. Masking only the
     last max_len items would leave item 1 -> rank 1. Second user: history [5], target 1 -> rank 0 both.
     """
-    from pipeline.train import rank_targets
+    from pipeline.student.train import rank_targets
 
     model = _FixedScores(max_len=2, n_items=5)
     hist = [np.array([1, 2, 3]), np.array([5])]

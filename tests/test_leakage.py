@@ -16,13 +16,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from pipeline.candidates import select_samples, write_candidates
+from pipeline.data.candidates import select_samples, write_candidates
 from pipeline.errors import UsageError
-from pipeline.prepare import PrepareConfig, build_sequences
-from pipeline.prepared import load_prepared
-from pipeline.sequences import training_windows
+from pipeline.data.prepare import PrepareConfig, build_sequences
+from pipeline.data.prepared import load_prepared
+from pipeline.data.sequences import training_windows
 from pipeline.teacher.dump import load_inputs
-from pipeline.tune_data import training_prefixes
+from pipeline.teacher.tune_data import training_prefixes
 from tests.teacher_fixtures import make_inputs
 
 lengths = st.lists(st.integers(min_value=3, max_value=14), min_size=1, max_size=7)
@@ -64,9 +64,9 @@ class _Stop(Exception):
 
 def test_fit_trains_on_windows_of_the_training_sequences_only(monkeypatch):
     """Fails if `fit` builds its windows from anything but `prepared.train` (e.g. train + validation)."""
-    import pipeline.train as train_mod
-    from pipeline.prepared import Prepared
-    from pipeline.sasrec import SASRec, SasrecConfig
+    import pipeline.student.train as train_mod
+    from pipeline.data.prepared import Prepared
+    from pipeline.student.sasrec import SASRec, SasrecConfig
 
     train, held = split([5, 9, 4, 12, 7], seed=3)
     n_items = sum(map(len, train)) + len(held)

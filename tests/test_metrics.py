@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.metrics import mask_seen, per_user, summarize, target_ranks
+from pipeline.evaluation.metrics import mask_seen, per_user, summarize, target_ranks
 
 
 def test_ranks_and_metrics_by_hand():
@@ -33,7 +33,7 @@ def test_masking_seen_items_moves_target_up():
 
 # ---------------------------------------------------------------- ties, constant scores, non-finite scores
 
-from pipeline.metrics import NonFiniteScores, masked_target_ranks  # noqa: E402
+from pipeline.evaluation.metrics import NonFiniteScores, masked_target_ranks  # noqa: E402
 
 NEG = float("-inf")
 

@@ -14,11 +14,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.candidates import (META_KEY, candidates_fingerprint, read_candidates, select_samples, top_k,
+from pipeline.data.candidates import (META_KEY, candidates_fingerprint, read_candidates, select_samples, top_k,
                                  write_candidates)
 from pipeline.errors import UsageError
-from pipeline.sasrec import SASRec, SasrecConfig
-from pipeline.sequences import left_pad
+from pipeline.student.sasrec import SASRec, SasrecConfig
+from pipeline.data.sequences import left_pad
 
 N_ITEMS, MAX_LEN = 12, 4
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.distill import DistillConfig, check_rows_against_training, position_mean_scores
+from pipeline.student.distill import DistillConfig, check_rows_against_training, position_mean_scores
 from pipeline.errors import UsageError
 
 TRAIN = [np.array([5, 6, 7, 8]), np.array([9, 10, 11])]
@@ -126,10 +126,10 @@ def test_config_refuses_what_it_cannot_train_with(kw, message):
 
 import torch  # noqa: E402
 
-from pipeline.distill import DistillObjective, open_teacher_store  # noqa: E402
-from pipeline.prepared import load_prepared  # noqa: E402
-from pipeline.sasrec import SASRec, SasrecConfig  # noqa: E402
-from pipeline.sequences import left_pad  # noqa: E402
+from pipeline.student.distill import DistillObjective, open_teacher_store  # noqa: E402
+from pipeline.data.prepared import load_prepared  # noqa: E402
+from pipeline.student.sasrec import SASRec, SasrecConfig  # noqa: E402
+from pipeline.data.sequences import left_pad  # noqa: E402
 from tests.distill_helpers import cluster_world, hand_rows, write_teacher_store, write_world  # noqa: E402
 
 ROWS = [{"user_idx": 0, "position": 3, "candidates": [1, 2, 3], "ranking": [2, 0, 1], "scores": [0.1, 0.2, 0.9]},
@@ -183,7 +183,7 @@ def test_projector_starts_like_a_linear_layer(tmp_path: Path):
 def test_matching_candidates_are_accepted_and_a_mismatch_says_what_to_pass(tmp_path: Path):
     """Fails if a store made from the given candidates file is refused (the fingerprint read from the
     wrong settings key), or the refusal of other data stops saying what to pass."""
-    from pipeline.candidates import write_candidates
+    from pipeline.data.candidates import write_candidates
 
     world = cluster_world(n_users=6, length=8, n_items=20, n_clusters=4, seed=0)
     write_world(tmp_path / "prepared", world)

@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.losses_distill import (embedding_loss, importance_weights, listnet_loss, ranks_from_ranking,
+from pipeline.student.losses_distill import (embedding_loss, importance_weights, listnet_loss, ranks_from_ranking,
                                      teacher_distribution)
 
 PROPERTY = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

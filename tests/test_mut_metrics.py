@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.metrics import (DEFAULT_METRICS, NonFiniteScores, check_scores, mask_seen, masked_target_ranks,
+from pipeline.evaluation.metrics import (DEFAULT_METRICS, NonFiniteScores, check_scores, mask_seen, masked_target_ranks,
                               per_user, summarize, target_ranks)
 
 PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from pipeline.errors import UsageError
-from pipeline.prepare import PrepareConfig, build_sequences
+from pipeline.data.prepare import PrepareConfig, build_sequences
 
 
 def frame(rows):

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.sequences import left_pad, training_windows
+from pipeline.data.sequences import left_pad, training_windows
 
 
 @st.composite

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.stats import PairedDiff, paired_bootstrap
+from pipeline.evaluation.stats import PairedDiff, paired_bootstrap
 
 
 def _reference(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int, confidence: float):

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.store_format import (MANIFEST, StoreSpec, canonical_json, diff_settings, fingerprint_of,
+from pipeline.store.format import (MANIFEST, StoreSpec, canonical_json, diff_settings, fingerprint_of,
                                    read_manifest_file, sha256_file, shard_name, store_schema)
 
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -116,7 +116,7 @@ def test_schema_types():
 
 from pipeline.errors import UsageError  # noqa: E402
 from pipeline.store import StoreInfo, iter_batches, open_store  # noqa: E402
-from pipeline.store_format import decodes  # noqa: E402
+from pipeline.store.format import decodes  # noqa: E402
 from pipeline.teacher.dump import DumpConfig, load_inputs, run_dump  # noqa: E402
 from tests.teacher_fixtures import FAKE_TEACHER, FakeBackend, make_inputs  # noqa: E402
 
@@ -136,7 +136,7 @@ def test_decodes_tells_a_good_shard_from_a_torn_or_flipped_one(store: Path, capl
     data = shard.read_bytes()
     torn = store.parent / "torn.parquet"
     torn.write_bytes(data[: len(data) // 2])
-    with caplog.at_level("WARNING", logger="pipeline.store_format"):
+    with caplog.at_level("WARNING", logger="pipeline.store.format"):
         assert not decodes(torn)
     assert "torn.parquet does not decode (" in caplog.text
     flipped = store.parent / "flipped.parquet"
@@ -191,9 +191,9 @@ def test_replacing_a_store_never_deletes_foreign_parquet_or_part_files(store: Pa
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
-from pipeline.prepared import load_prepared  # noqa: E402
-from pipeline.store_check import verify_store  # noqa: E402
-from pipeline.store_merge import merge_stores  # noqa: E402
+from pipeline.data.prepared import load_prepared  # noqa: E402
+from pipeline.store.check import verify_store  # noqa: E402
+from pipeline.store.merge import merge_stores  # noqa: E402
 
 MERGE_HINT = ". Rerun the worker(s) concerned with the same options (bad shards are recomputed), then merge again."
 
@@ -347,7 +347,7 @@ def test_decode_warning_is_one_line_naming_the_file(store: Path, caplog):
     """Fails if the warning for an undecodable shard changes its wording."""
     torn = store.parent / "torn.parquet"
     torn.write_bytes(sorted(store.glob("part-*.parquet"))[0].read_bytes()[:100])
-    with caplog.at_level("WARNING", logger="pipeline.store_format"):
+    with caplog.at_level("WARNING", logger="pipeline.store.format"):
         decodes(torn)
     assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["torn.parquet does not decode"]
     assert caplog.records[0].getMessage().endswith(")")

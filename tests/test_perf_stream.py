@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline import teacher_stream
-from pipeline.teacher_stream import TeacherStream
+from pipeline.student import teacher_stream
+from pipeline.student.teacher_stream import TeacherStream
 from tests.distill_helpers import teacher_rows, write_store
 
 

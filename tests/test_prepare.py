@@ -5,9 +5,9 @@ import polars as pl
 import pytest
 
 from pipeline.errors import UsageError
-from pipeline.prepare import PrepareConfig, build_sequences
-from pipeline.prepared import load_prepared, write_prepared
-from pipeline.sources import Columns, read_interactions, read_items
+from pipeline.data.prepare import PrepareConfig, build_sequences
+from pipeline.data.prepared import load_prepared, write_prepared
+from pipeline.data.sources import Columns, read_interactions, read_items
 
 
 def frame(rows):

@@ -1,8 +1,8 @@
 import numpy as np
 import torch
 
-from pipeline.sasrec import SASRec, SasrecConfig
-from pipeline.sequences import left_pad, training_windows
+from pipeline.student.sasrec import SASRec, SasrecConfig
+from pipeline.data.sequences import left_pad, training_windows
 
 
 def model(**kw) -> SASRec:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.prepared import load_prepared
+from pipeline.data.prepared import load_prepared
 from tests.distill_helpers import cluster_teacher_rows, cluster_world, write_teacher_store, write_world
 
 ROOT = Path(__file__).resolve().parents[1]

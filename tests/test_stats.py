@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.stats import paired_bootstrap
+from pipeline.evaluation.stats import paired_bootstrap
 
 
 def test_identical_models_are_not_different():

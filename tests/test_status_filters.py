@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.teacher_quality import rank_from_scores
-from pipeline.teacher_stream import batch_from_arrow
+from pipeline.evaluation.teacher_quality import rank_from_scores
+from pipeline.student.teacher_stream import batch_from_arrow
 
 
 def _batch(statuses: list[str]) -> pa.RecordBatch:

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from pipeline.errors import UsageError
 from pipeline.store import MANIFEST, StoreWriter, iter_batches, open_store
-from pipeline.store_check import verify_store
-from pipeline.store_merge import merge_stores
+from pipeline.store.check import verify_store
+from pipeline.store.merge import merge_stores
 from pipeline.teacher.dump import DumpConfig, load_inputs, run_dump
 from stages.cache import app as cache_app
 from tests.teacher_fixtures import FAKE_TEACHER, FakeBackend, make_inputs
@@ -209,9 +209,9 @@ def test_generate_mode_parses_and_counts(inputs, tmp_path):
 
 
 def test_store_reader_imports_no_llm_stack(tmp_path):
-    code = ("import sys, pipeline.store, pipeline.store_check, pipeline.store_merge, pipeline.store_lock, pipeline.store_format,"
-            " pipeline.store_read,"
-            " pipeline.store_faults, stages.cache, stages.cli;"
+    code = ("import sys, pipeline.store, pipeline.store.check, pipeline.store.merge, pipeline.store.lock, pipeline.store.format,"
+            " pipeline.store.read,"
+            " pipeline.store.faults, stages.cache, stages.cli;"
             "bad=[m for m in ('transformers','vllm') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import UsageError
-from pipeline.prepared import load_prepared
+from pipeline.data.prepared import load_prepared
 from pipeline.store import MANIFEST, sha256_file
-from pipeline.store_check import verify_store
+from pipeline.store.check import verify_store
 from pipeline.teacher.dump import DumpConfig, load_inputs, run_dump
 from tests.teacher_fixtures import FAKE_TEACHER, FakeBackend, make_inputs
 
@@ -213,7 +213,7 @@ def test_every_kind_is_caught_by_verify_and_refused_by_stage_two(world, tmp_path
     """Fails if verify_store misses the damage, or if stage two's open (open_teacher_store, used by
     student-train; evaluate uses open_store the same way) accepts it: before, it checked sha256 only, so
     a shard rewritten with its sha256 updated in the manifest (the 'sealed' kinds) trained as good."""
-    from pipeline.distill import open_teacher_store
+    from pipeline.student.distill import open_teacher_store
 
     store = damaged_copy(world, kind, tmp_path / "store")
     named = KINDS[kind][1]

@@ -17,9 +17,9 @@ import pytest
 
 from pipeline.errors import UsageError
 from pipeline.store import MANIFEST, open_store, sha256_file
-from pipeline.store_check import verify_store
-from pipeline.store_faults import ENV, POINTS
-from pipeline.store_merge import merge_stores
+from pipeline.store.check import verify_store
+from pipeline.store.faults import ENV, POINTS
+from pipeline.store.merge import merge_stores
 from pipeline.teacher.dump import DumpConfig, load_inputs, run_dump
 from tests.teacher_fixtures import FAKE_TEACHER, FakeBackend, make_inputs
 

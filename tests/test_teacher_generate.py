@@ -12,10 +12,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline.store_check import verify_store
+from pipeline.store.check import verify_store
 from pipeline.teacher.dump import DumpConfig, load_inputs, run_dump
 from pipeline.teacher.parse import DECISION_STATUSES, STATUSES, generation_status, parse_ranking
-from pipeline.teacher_quality import TeacherQuality
+from pipeline.evaluation.teacher_quality import TeacherQuality
 from tests.teacher_fixtures import FAKE_TEACHER, FakeBackend, make_inputs
 
 CLEAN = "C] > [A] > [B] > [D] > [E] > [F] > [G] > [H]"  # after the prompt's '[': a full permutation of K=8

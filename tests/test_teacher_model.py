@@ -17,7 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 from pipeline.errors import UsageError
-from pipeline.store_check import verify_store
+from pipeline.store.check import verify_store
 from pipeline.teacher.dump import DumpConfig, load_inputs, run_dump
 from pipeline.teacher.identifiers import identifier_token_ids, make_scheme
 from pipeline.teacher.parse import DECISION_STATUSES

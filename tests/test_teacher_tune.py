@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.tune_data import (build_samples, force_target, position_uniformity_pvalue, shuffle_candidates,
+from pipeline.teacher.tune_data import (build_samples, force_target, position_uniformity_pvalue, shuffle_candidates,
                                 split_users, training_prefixes)
 
 K = 4
@@ -125,7 +125,7 @@ def tiny_llama(seed: int = 0):
 
 def marker_task(n: int, seed: int = 0):
     """The label is written in the prompt as a marker token (40+label) at a varying place: learnable."""
-    from pipeline.tune import TuneExample
+    from pipeline.teacher.tune import TuneExample
 
     rng = np.random.default_rng(seed)
     out = []
@@ -140,7 +140,7 @@ def marker_task(n: int, seed: int = 0):
 def test_the_machinery_learns_a_learnable_task(tmp_path: Path):
     """Fails if the loss is not at the decision position or not over the identifier logits (it would stay
     at ln K): within 60 steps the loss falls well below ln K and held-out accuracy is far above 1/K."""
-    from pipeline.tune import TuneConfig, apply_method, score_examples, train
+    from pipeline.teacher.tune import TuneConfig, apply_method, score_examples, train
 
     cfg = TuneConfig(method="full", lr=3e-3, batch_size=16, warmup_ratio=0.1, checkpoint_every=1000)
     model = apply_method(tiny_llama(), cfg)
@@ -154,7 +154,7 @@ def test_the_machinery_learns_a_learnable_task(tmp_path: Path):
 
 
 def test_lora_learns_and_trains_only_the_adapter(tmp_path: Path):
-    from pipeline.tune import TuneConfig, apply_method, train
+    from pipeline.teacher.tune import TuneConfig, apply_method, train
 
     cfg = TuneConfig(method="lora", lora_r=8, lora_alpha=16, lora_dropout=0.0, lr=1e-2, batch_size=16,
                      target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), checkpoint_every=1000)
@@ -174,7 +174,7 @@ def test_lora_learns_and_trains_only_the_adapter(tmp_path: Path):
 def test_resumed_run_ends_where_an_uninterrupted_one_ends(tmp_path: Path):
     """Fails if the checkpoint drops the optimizer moments, the loop position or the dropout seeds: the
     resumed weights would differ from the uninterrupted run's."""
-    from pipeline.tune import TuneConfig, apply_method, train
+    from pipeline.teacher.tune import TuneConfig, apply_method, train
 
     cfg = TuneConfig(method="lora", lr=5e-3, batch_size=8, grad_accum=2, checkpoint_every=3, lora_dropout=0.1)
     data = marker_task(160)
@@ -202,7 +202,7 @@ def test_resumed_run_ends_where_an_uninterrupted_one_ends(tmp_path: Path):
 
 def test_checkpoint_of_other_settings_is_refused(tmp_path: Path):
     from pipeline.errors import UsageError
-    from pipeline.tune import TuneConfig, apply_method, train
+    from pipeline.teacher.tune import TuneConfig, apply_method, train
 
     cfg = TuneConfig(method="lora", lr=5e-3, batch_size=8, checkpoint_every=1)
     train(apply_method(tiny_llama(), cfg), marker_task(16), IDENT, 0, cfg, tmp_path, "fp-one")
@@ -214,7 +214,7 @@ def test_merged_model_gives_the_adapters_decision_logits(tmp_path: Path):
     """The merged directory that teacher-dump loads must score exactly as base + adapter."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.tune import TuneConfig, apply_method, left_pad, decision_logits, train
+    from pipeline.teacher.tune import TuneConfig, apply_method, left_pad, decision_logits, train
 
     cfg = TuneConfig(method="lora", lr=1e-2, batch_size=8, checkpoint_every=1000, lora_dropout=0.0)
     model = apply_method(tiny_llama(), cfg)
@@ -238,9 +238,9 @@ def test_merged_model_gives_the_adapters_decision_logits(tmp_path: Path):
 @pytest.fixture(scope="module")
 def tiny_tune_inputs(tmp_path_factory):
     """Prepared data with real movie titles and an (untrained) retriever checkpoint over it."""
-    from pipeline.checkpoint import save_student
-    from pipeline.prepared import load_prepared
-    from pipeline.sasrec import SASRec, SasrecConfig
+    from pipeline.student.checkpoint import save_student
+    from pipeline.data.prepared import load_prepared
+    from pipeline.student.sasrec import SASRec, SasrecConfig
     from tests.teacher_fixtures import make_inputs
 
     root = tmp_path_factory.mktemp("tune")
@@ -259,8 +259,8 @@ def test_run_tune_writes_a_merged_teacher_that_dump_loads(tiny_tune_inputs, tmp_
     directory loads in the HF backend, identifies as a different teacher than the base, and a rerun resumes
     from the finished checkpoint without training again."""
     from pipeline.teacher.convert import resolve_teacher
-    from pipeline.tune import TuneConfig
-    from pipeline.tune_run import TuneRunConfig, run_tune
+    from pipeline.teacher.tune import TuneConfig
+    from pipeline.teacher.tune_run import TuneRunConfig, run_tune
 
     prepared, student, data = tiny_tune_inputs
     cfg = TuneRunConfig(k=4, history_len=3, holdout_fraction=0.34, n_boot=200, dtype="float32",
@@ -269,7 +269,7 @@ def test_run_tune_writes_a_merged_teacher_that_dump_loads(tiny_tune_inputs, tmp_
     r = run_tune(cfg, prepared, student, out)
     assert r["training"]["steps"] == 2 and r["training"]["stopped"] == "done"
     assert r["samples"]["holdout_users"] == 2 and r["samples"]["tune_users"] == 4
-    from pipeline.tune_data import split_users
+    from pipeline.teacher.tune_data import split_users
 
     tune_users, _ = split_users(6, 0.34, 0)
     assert r["samples"]["prefixes"] == sum(len(data.train[u]) - 1 for u in tune_users)
@@ -295,7 +295,7 @@ def test_run_tune_writes_a_merged_teacher_that_dump_loads(tiny_tune_inputs, tmp_
 def test_decision_logits_are_float32_under_bf16_autocast():
     """Fails if the identifier logits follow autocast into bfloat16 (numpy cannot take them, and the loss
     would be computed on 8-bit mantissas): the bf16 CPU profile crashed at its first evaluation."""
-    from pipeline.tune import decision_logits, left_pad, score_examples
+    from pipeline.teacher.tune import decision_logits, left_pad, score_examples
 
     model = tiny_llama().eval()
     data = marker_task(4)
@@ -322,7 +322,7 @@ def test_lora_learns_under_bf16_and_the_tuned_scores_move(tmp_path: Path):
     """Fails if bf16 autocast spans optimizer steps (one region around the loop): autocast caches each weight's
     bf16 copy, the forward never sees the updated LoRA weights (B stays zero), the loss stays at ln K and the
     'tuned' scores equal the zero-shot ones exactly. The first CPU profile run on ML-100K did exactly that."""
-    from pipeline.tune import TuneConfig, apply_method, score_examples, train
+    from pipeline.teacher.tune import TuneConfig, apply_method, score_examples, train
 
     cfg = TuneConfig(method="lora", lora_r=8, lora_alpha=16, lora_dropout=0.0, lr=1e-2, batch_size=16,
                      target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), checkpoint_every=1000)

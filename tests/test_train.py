@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.prepare import PrepareConfig, build_sequences
-from pipeline.prepared import load_prepared, write_prepared
-from pipeline.sasrec import SASRec, SasrecConfig
-from pipeline.train import TrainConfig, evaluate, fit
+from pipeline.data.prepare import PrepareConfig, build_sequences
+from pipeline.data.prepared import load_prepared, write_prepared
+from pipeline.student.sasrec import SASRec, SasrecConfig
+from pipeline.student.train import TrainConfig, evaluate, fit
 from tests.conftest import synthetic_interactions
 
 
@@ -58,7 +58,7 @@ import math  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-import pipeline.train as train_mod  # noqa: E402
+import pipeline.student.train as train_mod  # noqa: E402
 from pipeline.errors import UsageError  # noqa: E402
 
 
@@ -151,7 +151,7 @@ def test_training_windows_never_hold_a_validation_or_test_item(tmp_path, monkeyp
     train + valid): every validation and test item here is unique, so any appearance is a leak."""
     import polars as pl
 
-    from pipeline.prepared import write_prepared
+    from pipeline.data.prepared import write_prepared
 
     rng = np.random.default_rng(0)
     n_users, n_train_items = 30, 40

@@ -101,7 +101,7 @@ def test_llama_untied_head_parity(llama_stores):
     decision state, greedy tokens or their decoding depart from HF's."""
     import polars as pl
 
-    from pipeline.store_check import verify_store
+    from pipeline.store.check import verify_store
 
     da, db = (pl.read_parquet(llama_stores[k] / "*.parquet").sort("sample_id") for k in ("hf", "vllm"))
     assert verify_store(llama_stores["hf"]) == [] and verify_store(llama_stores["vllm"]) == []
@@ -157,7 +157,7 @@ def test_gemma_no_chat_template_plain_prompts_parity(tmp_path):
     differ), if vLLM's decision state or soft-capped scores part from HF's on it, or a store does not verify."""
     import polars as pl
 
-    from pipeline.store_check import verify_store
+    from pipeline.store.check import verify_store
     from pipeline.teacher.dump import DumpConfig, load_inputs, run_dump
     from pipeline.teacher.hf_backend import HFConfig, HFTeacher
     from pipeline.teacher.prompt import PLAIN_ANSWER

@@ -18,7 +18,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline.store_check import verify_store
+from pipeline.store.check import verify_store
 from pipeline.teacher.dump import DumpConfig, load_inputs, run_dump
 from pipeline.teacher.identifiers import identifier_token_ids, make_scheme
 from tests.teacher_fixtures import make_inputs

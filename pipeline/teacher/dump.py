@@ -20,9 +20,9 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from pipeline.candidates import read_candidates
+from pipeline.data.candidates import read_candidates
 from pipeline.errors import UsageError
-from pipeline.prepared import load_prepared
+from pipeline.data.prepared import load_prepared
 from pipeline.store import StoreSpec, StoreWriter
 from pipeline.teacher.identifiers import IdentifierScheme, identifier_token_ids, make_scheme
 from pipeline.teacher.parse import generation_status, parse_ranking

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.errors import UsageError
-from pipeline.sasrec import SASRec
-from pipeline.sequences import left_pad
+from pipeline.student.sasrec import SASRec
+from pipeline.data.sequences import left_pad
 
 META_KEY = b"gedistill.candidates"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import UsageError
-from pipeline.sasrec import SASRec, SasrecConfig
+from pipeline.student.sasrec import SASRec, SasrecConfig
 from pipeline.store import sha256_file
 
 WEIGHTS, CONFIG, COMPLETE = "model.safetensors", "config.json", "COMPLETE"

@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline.errors import UsageError
 from pipeline.store import MANIFEST, StoreSpec, StoreWriter, sha256_file, shard_name
-from pipeline.store_check import verify_store
+from pipeline.store.check import verify_store
 
 
 def merge_stores(out: Path, sources: list[Path], prepared: Any = None) -> dict[str, Any]:

@@ -16,10 +16,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 
 from pipeline.errors import UsageError
-from pipeline.metrics import NonFiniteScores, masked_target_ranks, summarize, target_ranks
-from pipeline.prepared import Prepared
-from pipeline.sasrec import SASRec
-from pipeline.sequences import left_pad, training_windows
+from pipeline.evaluation.metrics import NonFiniteScores, masked_target_ranks, summarize, target_ranks
+from pipeline.data.prepared import Prepared
+from pipeline.student.sasrec import SASRec
+from pipeline.data.sequences import left_pad, training_windows
 
 log = logging.getLogger(__name__)
 

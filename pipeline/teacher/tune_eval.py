@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.stats import paired_bootstrap
+from pipeline.evaluation.stats import paired_bootstrap
 
 
 def pessimistic_rank(scores: np.ndarray, label: np.ndarray) -> np.ndarray:

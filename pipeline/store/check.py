@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.store_format import (H_DTYPES, MANIFEST, SCHEMA_VERSION, StoreSpec, fingerprint_of, read_shard_meta,
+from pipeline.store.format import (H_DTYPES, MANIFEST, SCHEMA_VERSION, StoreSpec, fingerprint_of, read_shard_meta,
                                    sha256_file, shard_name, store_schema)
 from pipeline.teacher.parse import STATUSES
 
@@ -54,7 +54,7 @@ def manifest_spec(m: Any) -> tuple[StoreSpec | None, list[str]]:
 def verify_store(root: Path, prepared: Any = None, partial: bool = False) -> list[str]:
     """Every problem found (empty when the store is sound): manifest, files, checksums, schema, rows.
 
-    prepared (a pipeline.prepared.Prepared): the store must be made from it, and each row's target must
+    prepared (a pipeline.data.prepared.Prepared): the store must be made from it, and each row's target must
     be its user's item at that position. partial: a worker's share of a store (`cache merge` sources);
     incompleteness is then not a problem, but every shard file must be listed and sound.
     """

@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import UsageError
-from pipeline.store_check import verify_store
-from pipeline.store_format import MANIFEST, SCHEMA_VERSION
+from pipeline.store.check import verify_store
+from pipeline.store.format import MANIFEST, SCHEMA_VERSION
 
 
 @dataclass(frozen=True)

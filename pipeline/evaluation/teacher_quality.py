@@ -20,7 +20,7 @@ def ranks_of_target(candidates: np.ndarray, target: np.ndarray) -> tuple[np.ndar
 
 
 def rank_from_scores(scores: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """0-based rank of candidate `index` per row, ties ranked pessimistically (as pipeline.metrics):
+    """0-based rank of candidate `index` per row, ties ranked pessimistically (as pipeline.evaluation.metrics):
     the number of *other* candidates scoring at least as high, so constant scores put it last.
     Non-finite scores are refused: a NaN would otherwise rank first."""
     scores = np.asarray(scores, dtype=np.float64)

@@ -20,14 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.candidates import top_k
-from pipeline.checkpoint import load_student
+from pipeline.data.candidates import top_k
+from pipeline.student.checkpoint import load_student
 from pipeline.errors import UsageError
-from pipeline.prepared import Prepared, load_prepared
+from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.store import canonical_json, fingerprint_of, sha256_file
-from pipeline.tune import TuneConfig, TuneExample, TuneState, apply_method, sample_order, score_examples, train
-from pipeline.tune_data import build_samples, position_uniformity_pvalue, split_users, training_prefixes
-from pipeline.tune_eval import evaluate_sets
+from pipeline.teacher.tune import TuneConfig, TuneExample, TuneState, apply_method, sample_order, score_examples, train
+from pipeline.teacher.tune_data import build_samples, position_uniformity_pvalue, split_users, training_prefixes
+from pipeline.teacher.tune_eval import evaluate_sets
 
 log = logging.getLogger(__name__)
 

@@ -22,13 +22,13 @@ import pyarrow.parquet as pq
 
 from pipeline import __version__
 from pipeline.errors import UsageError
-from pipeline.store_card import CARD, is_our_card, write_dataset_card
-from pipeline.store_faults import fault_point
-from pipeline.store_format import (H_DTYPES, MANIFEST, META_KEY, SCHEMA_VERSION, StoreSpec, canonical_json,  # noqa: F401
+from pipeline.store.card import CARD, is_our_card, write_dataset_card
+from pipeline.store.faults import fault_point
+from pipeline.store.format import (H_DTYPES, MANIFEST, META_KEY, SCHEMA_VERSION, StoreSpec, canonical_json,  # noqa: F401
                                    decodes, diff_settings, fingerprint_of, read_manifest_file, read_shard_meta,
                                    sha256_file, shard_name, store_schema)
-from pipeline.store_lock import LOCK_FILE, claim_shards, hold_run, manifest_lock
-from pipeline.store_read import StoreInfo, iter_batches, open_store  # noqa: F401
+from pipeline.store.lock import LOCK_FILE, claim_shards, hold_run, manifest_lock
+from pipeline.store.read import StoreInfo, iter_batches, open_store  # noqa: F401
 
 log = logging.getLogger(__name__)
 

@@ -24,10 +24,10 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor, nn
 
-from pipeline.candidates import candidates_fingerprint
-from pipeline.checkpoint import load_student
+from pipeline.data.candidates import candidates_fingerprint
+from pipeline.student.checkpoint import load_student
 from pipeline.errors import UsageError
-from pipeline.losses_distill import (
+from pipeline.student.losses_distill import (
     EmbLoss,
     Target,
     embedding_loss,
@@ -36,11 +36,11 @@ from pipeline.losses_distill import (
     ranks_from_ranking,
     teacher_distribution,
 )
-from pipeline.prepared import Prepared
-from pipeline.sasrec import SASRec
-from pipeline.sequences import left_pad
+from pipeline.data.prepared import Prepared
+from pipeline.student.sasrec import SASRec
+from pipeline.data.sequences import left_pad
 from pipeline.store import StoreInfo, open_store
-from pipeline.teacher_stream import TeacherBatch, TeacherStream, teacher_width
+from pipeline.student.teacher_stream import TeacherBatch, TeacherStream, teacher_width
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipeline.stats import PairedDiff  # noqa: E402
+from pipeline.evaluation.stats import PairedDiff  # noqa: E402
 
 COLORS = {"baseline": "#4c72b0", "distilled": "#dd8452"}
 

@@ -1,0 +1,1 @@
+"""Evaluation: ranking metrics, paired bootstrap, plots, the teacher's own quality."""
