@@ -100,11 +100,11 @@ def run_one(args: argparse.Namespace) -> dict:
 
 VARIANTS = {
     # name: (HFConfig overrides, batch size, right padding)
-    "before": ({}, 16, False),  # the backend's defaults at teacher-dump's default batch
+    "before": ({"fused_ops": False}, 16, False),  # HF's own forwards at teacher-dump's default batch
     "fused": ({"fused_ops": True}, 16, False),
     "fused_b8": ({"fused_ops": True}, 8, False),
     "fused_b32": ({"fused_ops": True}, 32, False),
-    "eager_attn": ({"attn_implementation": "eager"}, 16, False),
+    "eager_attn": ({"attn_implementation": "eager", "fused_ops": False}, 16, False),
     "right_pad_causal": ({"fused_ops": True}, 16, True),
 }
 

@@ -1,4 +1,4 @@
-"""The HF backend's fused forwards (issue 10, opt-in: HFConfig(fused_ops=True)) change time, never numbers.
+"""The HF backend's fused forwards (issue 10, on by default since 2026-11-30; HFConfig(fused_ops=False) turns them off) change time, never numbers.
 
 `pipeline.teacher.hf_backend.fuse_ops` replaces Llama-style RMSNorm and gated-MLP forwards with fused /
 in-place ones. These tests require the replaced model to give bit-identical hidden states, that the
@@ -81,8 +81,8 @@ def test_real_teacher_h_dec_and_scores_unchanged():
     from pipeline.teacher.hf_backend import HFConfig, HFTeacher
 
     loc = resolve_teacher("embedded").location
-    plain = HFTeacher(HFConfig(loc, dtype="bfloat16", batch_size=3))  # the default: HF's own forwards
-    fused = HFTeacher(HFConfig(loc, dtype="bfloat16", batch_size=3, fused_ops=True))
+    plain = HFTeacher(HFConfig(loc, dtype="bfloat16", batch_size=3, fused_ops=False))  # HF's own forwards
+    fused = HFTeacher(HFConfig(loc, dtype="bfloat16", batch_size=3))  # the default: fused
     assert plain.fused == {} and fused.fused == {"rms_norm": 61, "mlp": 30}
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(100, 40000, (n,), generator=g).tolist() for n in (120, 97, 133, 60)]
