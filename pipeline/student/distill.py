@@ -56,7 +56,10 @@ class DistillConfig:
     gamma_agreement: float = 0.0
     position_beta: float = 5.0
     agreement_k: int = 5
-    teacher_batch_size: int = 32  # per optimizer step; 32 keeps a distilled epoch under 1.3x a baseline one
+    # per optimizer step. Not under 1.3x: at 32 (the default, kept on validation) a distilled epoch measured 1.65x a
+    # baseline one on the default profile and 8 gave 1.14x (BENCHMARKS.md, "Teacher batch 8 against 32"); a teacher
+    # history costs about what a training window does, and the baseline's step holds 16 windows
+    teacher_batch_size: int = 32
     buffer_rows: int = 4096
     skip_failed: bool = True  # rows whose ranking could not be parsed are left out
     # subtract each identifier position's mean score over the store, then re-rank: removes the

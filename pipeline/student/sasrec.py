@@ -6,11 +6,42 @@ amount of padding never changes a score. Scores are dot products with the item e
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+# Issue 10, a pure speed change: in training on a CPU, dropout masks are drawn as `torch.rand(float64) < keep`,
+# which consumes the CPU generator exactly as `Tensor.bernoulli_(keep)` does (what nn.Dropout and SDPA's math path
+# call) and yields the same masks about 2x faster; attention replays SDPA's math path op for op with the bool mask
+# turned into an additive one once per forward instead of once per block. Same bits, forward and backward
+# (tests/test_perf_distill_ops.py compares both paths). False: the torch ops as before (benchmarks compare them).
+FAST_TRAIN_OPS = True
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """F.dropout(x, p, training), bit for bit (same mask, same generator state after) on a CPU, faster."""
+    if not training or p == 0.0:
+        return x
+    if not FAST_TRAIN_OPS or x.device.type != "cpu" or not 0.0 < p < 1.0:
+        return F.dropout(x, p, True)
+    keep = 1.0 - p
+    noise = (torch.rand(x.shape, dtype=torch.float64) < keep).to(x.dtype)  # = empty_like(x).bernoulli_(keep)
+    noise.div_(keep)
+    return x * noise
+
+
+def attention_train(q: Tensor, k: Tensor, v: Tensor, add_mask: Tensor, p: float) -> Tensor:
+    """F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask, dropout_p=p) on a CPU in training, which runs
+    the math path: the same ops in the same order. add_mask is 0 where allowed, -inf elsewhere; no row may be
+    fully masked (SDPA's safe softmax would then give 0 where softmax gives NaN; encode() guarantees it)."""
+    sf = math.sqrt(1.0 / math.sqrt(q.shape[-1]))
+    a = torch.matmul(q * sf, k.transpose(-2, -1) * sf)
+    a = torch.softmax(a + add_mask, dim=-1)
+    return torch.matmul(dropout(a, p, True), v)
 
 
 @dataclass(frozen=True)
@@ -37,16 +68,23 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
         self.drop = nn.Dropout(c.dropout)
 
-    def forward(self, x: Tensor, allowed: Tensor, last_only: bool = False) -> Tensor:
-        """x [B, L, D] -> [B, L, D], or [B, 1, D] for the last position only (queries cut, keys kept)."""
+    def forward(self, x: Tensor, allowed: Tensor, last_only: bool = False, add_mask: Tensor | None = None) -> Tensor:
+        """x [B, L, D] -> [B, L, D], or [B, 1, D] for the last position only (queries cut, keys kept).
+
+        add_mask (training, FAST_TRAIN_OPS): `allowed` as an additive float mask, for attention_train."""
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
         if last_only:
             q, allowed, x, L = q[:, :, -1:], allowed[:, :, -1:], x[:, -1:], 1
+            add_mask = add_mask[:, :, -1:] if add_mask is not None else None
         p = self.attn_dropout if self.training else 0.0
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)  # [B, h, L, D/h]
-        x = self.ln1(x + self.drop(self.proj(a.transpose(1, 2).reshape(B, L, D))))
-        return self.ln2(x + self.drop(self.ff(x)))
+        if add_mask is not None and p > 0.0:
+            a = attention_train(q, k, v, add_mask, p)
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)  # [B, h, L, D/h]
+        p = self.drop.p
+        x = self.ln1(x + dropout(self.proj(a.transpose(1, 2).reshape(B, L, D)), p, self.training))
+        return self.ln2(x + dropout(self.ff(x), p, self.training))
 
 
 class SASRec(nn.Module):
@@ -77,13 +115,16 @@ class SASRec(nn.Module):
             raise ValueError(f"sequence length {L} > max_len {self.config.max_len}; keep the last items")
         valid = seqs != 0
         pos = (valid.cumsum(1) - 1).clamp(min=0)  # 0 at the first real item, whatever the padding
-        x = self.drop(self.ln(self.item_emb(seqs) + self.pos_emb(pos)))
+        x = dropout(self.ln(self.item_emb(seqs) + self.pos_emb(pos)), self.drop.p, self.training)
         causal = torch.ones(L, L, dtype=torch.bool, device=seqs.device).tril()
         allowed = causal & valid[:, None, :]  # [B, L, L]: query t attends to real keys <= t
         allowed = allowed | torch.eye(L, dtype=torch.bool, device=seqs.device)  # padded rows: avoid NaN
         allowed = allowed[:, None]  # [B, 1, L, L], broadcast over heads
+        add_mask = None
+        if self.training and FAST_TRAIN_OPS and seqs.device.type == "cpu":  # SDPA's conversion, done once
+            add_mask = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
         for i, blk in enumerate(self.blocks):
-            x = blk(x, allowed, last_only=last_only and i == len(self.blocks) - 1)
+            x = blk(x, allowed, last_only=last_only and i == len(self.blocks) - 1, add_mask=add_mask)
         return x
 
     def user_embedding(self, seqs: Tensor) -> Tensor:

@@ -59,9 +59,13 @@ def next_item_loss(model: SASRec, x: Tensor, y: Tensor, kind: str, n_neg: int, g
     h = model.encode(x)[y != 0]  # [M, D]
     t = y[y != 0]  # [M]
     if kind == "ce":
-        logits = h @ model.item_emb.weight.T  # [M, N+1]
-        logits[:, 0] = float("-inf")
-        return F.cross_entropy(logits, t)
+        # [M, N+1], column 0 (padding) at -inf: h @ E^T + [-inf, 0, ..., 0] in one addmm gives the same bits as
+        # the product with column 0 then set to -inf in place, whose backward copied the whole [M, N+1] gradient
+        # (issue 10; tests/test_perf_distill_ops.py)
+        W = model.item_emb.weight
+        pad = torch.zeros(W.shape[0], dtype=h.dtype, device=h.device)
+        pad[0] = float("-inf")
+        return F.cross_entropy(torch.addmm(pad, h, W.T), t)
     neg = torch.randint(1, model.config.n_items + 1, (len(t), n_neg), generator=gen)
     pos_s = (h * model.item_emb(t)).sum(-1)
     neg_s = torch.einsum("md,mnd->mn", h, model.item_emb(neg))
