@@ -8,6 +8,8 @@
   its square root each (float differences: torch.equal fails); the additive mask left out (both fail).
 - train.next_item_loss adds a [-inf, 0, ...] row in one addmm instead of setting column 0 in place. Caught: a
   zero row without the -inf (the loss differs).
+- fit() builds Adam with foreach=True (the per-parameter loop's arithmetic in fewer dispatches). Caught:
+  fused=True instead (faster, but other rounding: the fit test fails).
 - End to end: fit() with FAST_TRAIN_OPS on and off gives the same history and weights, baseline and distilled.
   Caught: any of the above, and the additive mask not sliced for the last-only block.
 """
