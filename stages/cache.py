@@ -1,4 +1,8 @@
-"""`gedistill cache info|verify|merge`: inspect, check and assemble teacher stores (no LLM imports)."""
+"""`gedistill cache info|verify|merge|card`: inspect, check and assemble teacher stores (no LLM imports).
+
+info, verify and card take a directory or a pyarrow.fs URI (s3://bucket/prefix, file:///abs/dir; store_remote):
+info reads the remote manifest and the two columns it summarizes in place; verify and card check a fresh local
+copy (every object downloaded again, its sha256 checked), so every local check applies to the remote store."""
 
 from __future__ import annotations
 
@@ -18,8 +22,25 @@ from pipeline.store import MANIFEST
 from pipeline.store.card import CARD, check_card, is_our_card, write_dataset_card
 from pipeline.store.check import verify_store
 from pipeline.store.merge import merge_stores
+from pipeline.store.remote import Remote, display, is_uri, materialize_store
 
 app = typer.Typer(help="Inspect, verify and merge teacher stores.", no_args_is_help=True)
+
+
+StoreArg = Annotated[str, typer.Argument(help="Teacher store directory, or its URI (s3://bucket/prefix, file:///abs/dir).")]
+
+
+def _local(store: str, recheck: bool = True) -> Path:
+    """A local directory holding the store: the directory itself, or a URI's fresh local copy."""
+    if is_uri(store):
+        return materialize_store(store, recheck=recheck)
+    path = Path(store)
+    if not path.exists():
+        raise UsageError(f"Directory '{store}' does not exist (a teacher store is a directory, or a URI such as "
+                         "s3://bucket/prefix)")
+    if not path.is_dir():
+        raise UsageError(f"Directory '{store}' is a file; give the teacher store's directory")
+    return path
 
 
 def _manifest(store: Path) -> dict:
@@ -40,7 +61,11 @@ def _prepared(path: Path | None) -> Prepared | None:
     return load_prepared(path) if path is not None else None
 
 
-def _fail(store: Path, problems: list[str]) -> None:
+def _name(store: str) -> str:
+    return display(store) if is_uri(store) else store
+
+
+def _fail(store: Path | str, problems: list[str]) -> None:
     """Print each problem (each names its file) and exit 2: a bad store is the user's to fix or rebuild."""
     console = Console()
     for p in problems:
@@ -50,16 +75,25 @@ def _fail(store: Path, problems: list[str]) -> None:
 
 
 @app.command("info")
-def info(store: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Teacher store directory.")]) -> None:
+def info(store: StoreArg) -> None:
     """Summarize a teacher store: teacher, settings, shards, parse status."""
-    m = _manifest(store)
+    if is_uri(store):  # read in place: the manifest and two small columns, no download of the store
+        remote = Remote(store)
+        m = remote.read_manifest()
+        if not m:
+            raise UsageError(f"{remote.name}: no readable {MANIFEST}; not a teacher store")
+        fs, where = remote.fs, remote.key
+        store = remote.name
+    else:
+        m = _manifest(_local(store))
+        fs, where = None, lambda name: str(Path(store) / name)
     s = m["settings"]
     status: Counter[str] = Counter()
     truncated = rows = 0
     unreadable = []
     for shard in m.get("shards", []):
         try:
-            t = pq.read_table(store / shard["name"], columns=["status", "truncated"])
+            t = pq.read_table(where(shard["name"]), columns=["status", "truncated"], filesystem=fs)
         except Exception:  # info summarizes; `cache verify` says what is wrong
             unreadable.append(shard["name"])
             continue
@@ -94,34 +128,39 @@ def info(store: Annotated[Path, typer.Argument(exists=True, file_okay=False, hel
 
 
 @app.command("verify")
-def verify(store: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Teacher store directory.")],
-           prepared: PreparedOpt = None) -> None:
+def verify(store: StoreArg, prepared: PreparedOpt = None) -> None:
     """Check manifest, files, checksums, schema, sample ids and rankings (and rows against --prepared), and the
-    dataset card's header against the manifest; exit 2 on any problem."""
-    problems = verify_store(store, _prepared(prepared))
+    dataset card's header against the manifest; exit 2 on any problem. A URI's store is downloaded again first."""
+    data = _prepared(prepared)
+    local, name = _local(store), _name(store)
+    problems = verify_store(local, data)
     # The card's front matter is what `datasets` readers of a shared store go by: a stale one (another store's
     # shards or features) is a problem here. Training (open_store) does not read the card and does not check it.
-    problems = problems or check_card(store, _manifest(store))
+    problems = problems or check_card(local, _manifest(local))
     if problems:
-        _fail(store, problems)
-    m = _manifest(store)
-    card = "dataset card OK" if (store / CARD).is_file() else f"no dataset card: `gedistill cache card {store}` adds one"
-    Console().print(f"{store}: OK ({m['n_samples']:,} rows in {m['n_shards']} shard(s), fingerprint "
+        _fail(name, problems)
+    m = _manifest(local)
+    card = "dataset card OK" if (local / CARD).is_file() else f"no dataset card: `gedistill cache card {name}` adds one"
+    Console().print(f"{name}: OK ({m['n_samples']:,} rows in {m['n_shards']} shard(s), fingerprint "
                     f"{m['fingerprint'][:16]}; {card})")
 
 
 @app.command("card")
-def card(store: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Teacher store directory.")]) -> None:
+def card(store: StoreArg) -> None:
     """Write the store's dataset card (README.md: `datasets.load_dataset(DIR)` reads the shards through it)
-    after verifying the store; for stores written before cards existed, or a card edited beyond repair."""
-    problems = verify_store(store)
+    after verifying the store; for stores written before cards existed, or a card edited beyond repair.
+    At a URI: verified on a fresh local copy, then the card is uploaded."""
+    local, name = _local(store), _name(store)
+    problems = verify_store(local)
     if problems:
-        _fail(store, problems)
-    path = store / CARD
+        _fail(name, problems)
+    path = local / CARD
     if path.exists() and not is_our_card(path):
-        raise UsageError(f"{path} is not a card gedistill wrote; move it out of the store, then run this again")
-    write_dataset_card(store, _manifest(store))  # rewrites a stale card of ours
-    Console().print(f"{path}: dataset card written")
+        raise UsageError(f"{name}/{CARD} is not a card gedistill wrote; move it out of the store, then run this again")
+    write_dataset_card(local, _manifest(local))  # rewrites a stale card of ours
+    if is_uri(store):
+        Remote(store).upload(path, CARD)
+    Console().print(f"{name}/{CARD}: dataset card written")
 
 
 @app.command("merge")

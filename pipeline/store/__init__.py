@@ -53,6 +53,23 @@ def _atomic_write_text(path: Path, text: str) -> None:
     fault_point("after-manifest")
 
 
+
+def mismatch(stored: dict[str, Any] | None, spec: StoreSpec) -> str | None:
+    """What differs between a stored store's settings (its manifest or a shard's metadata) and this run's;
+    None when there is nothing stored or it is the same store."""
+    if stored is None or stored.get("fingerprint") == spec.fingerprint:
+        return None
+    diffs = diff_settings(stored.get("settings", {}), spec.settings)
+    layout = [f"{k}: stored {stored.get(k)}, now {getattr(spec, k)}" for k in ("n_samples", "shard_rows")
+              if k in stored and stored[k] != getattr(spec, k)]
+    return "; ".join(diffs + layout or ["(fingerprint only)"])
+
+
+def mismatch_message(where: Any, what: str) -> str:
+    return (f"{where} holds a teacher store made with other settings; refusing to mix them. Differences: "
+            + what + ". Use another --out directory, delete this one, or pass --replace-mismatched.")
+
+
 class StoreWriter:
     """Writes one store directory; resumable (complete shards are kept), idempotent, and safe against a
     second writer (store_lock: a second run on the same shards is refused; workers share a directory)."""
@@ -84,19 +101,13 @@ class StoreWriter:
                 break
             except Exception:  # torn: tells nothing about the settings
                 continue
-        if stored is None or stored.get("fingerprint") == self.spec.fingerprint:
+        what = mismatch(stored, self.spec)
+        if what is None:
             return
-        diffs = diff_settings(stored.get("settings", {}), self.spec.settings)
-        layout = [f"{k}: stored {stored.get(k)}, now {getattr(self.spec, k)}" for k in ("n_samples", "shard_rows")
-                  if k in stored and stored[k] != getattr(self.spec, k)]
-        what = "; ".join(diffs + layout or ["(fingerprint only)"])
         if replace_mismatched:
             self._clear(what)
             return
-        raise UsageError(
-            f"{self.root} holds a teacher store made with other settings; refusing to mix them. Differences: "
-            + what + ". Use another --out directory, delete this one, or pass --replace-mismatched."
-        )
+        raise UsageError(mismatch_message(self.root, what))
 
     def _clear(self, why: str) -> None:
         """Delete a mismatched store; only when the directory holds nothing but store files."""
@@ -231,8 +242,7 @@ class StoreWriter:
                 old = {}
             self._drop_manifest_temps()
             listed = {s.get("name"): s for s in old.get("shards", []) if isinstance(s, dict)}
-            shards = [e for i in range(self.spec.n_shards)
-                      if (e := self._entry(i, listed.get(shard_name(i, self.spec.n_shards)))) is not None]
+            shards = self._entries(listed)
             # No dates, host facts or file times: two machines writing the same store write the same bytes.
             manifest = {
                 "schema_version": SCHEMA_VERSION,
@@ -253,4 +263,19 @@ class StoreWriter:
                 # and the rerun that completes it writes the card again (store_card; no dates: same bytes).
                 write_dataset_card(self.root, manifest)
             _atomic_write_text(self.root / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False))
+            self._published(manifest)
         return manifest
+
+    def _entries(self, listed: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        """The manifest's shard entries: every sound shard in the directory (store_remote: on the remote)."""
+        return [e for i in range(self.spec.n_shards)
+                if (e := self._entry(i, listed.get(shard_name(i, self.spec.n_shards)))) is not None]
+
+    def _published(self, manifest: dict[str, Any]) -> None:
+        """After the manifest is replaced, still under its lock: nothing for a local store (store_remote
+        uploads the card and the manifest)."""
+
+    @property
+    def location(self) -> str:
+        """Where the store is, as the user named it (a directory here; a URI for store_remote)."""
+        return str(self.root)

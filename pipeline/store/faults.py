@@ -19,6 +19,10 @@ from pathlib import Path
 ENV = "GEDISTILL_FAULT"
 POINTS = ("before-shard-write", "mid-shard-write", "before-rename", "after-rename", "torn-shard",
           "mid-manifest-write", "before-manifest-rename", "torn-manifest", "after-manifest")
+# A store at a URI (store_remote): its uploads, after the local points of the staging copy. Kept apart from
+# POINTS, which the local crash campaign iterates over (a local dump never reaches these).
+REMOTE_POINTS = ("before-shard-upload", "mid-shard-upload", "after-shard-upload", "before-manifest-upload",
+                 "after-manifest-upload")
 
 log = logging.getLogger(__name__)
 _reached: Counter[str] = Counter()
@@ -30,8 +34,8 @@ def fault_point(name: str, path: Path | None = None) -> None:
     if not spec:
         return
     point, _, nth = spec.partition(":")
-    if point not in POINTS:
-        raise ValueError(f"{ENV}={spec!r}: unknown point; one of {', '.join(POINTS)}")
+    if point not in POINTS + REMOTE_POINTS:
+        raise ValueError(f"{ENV}={spec!r}: unknown point; one of {', '.join(POINTS + REMOTE_POINTS)}")
     if point != name:
         return
     _reached[name] += 1

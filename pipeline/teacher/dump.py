@@ -24,6 +24,7 @@ from pipeline.data.candidates import read_candidates
 from pipeline.errors import UsageError
 from pipeline.data.prepared import load_prepared
 from pipeline.store import StoreSpec, StoreWriter
+from pipeline.store.remote import open_writer
 from pipeline.teacher.identifiers import IdentifierScheme, identifier_token_ids, make_scheme
 from pipeline.teacher.parse import generation_status, parse_ranking
 from pipeline.teacher.prompt import DECISION_SUFFIX, PromptTemplate, load_template, render_prompt
@@ -63,6 +64,7 @@ class DumpConfig:
     num_workers: int = 1
     worker_index: int = 0
     replace_mismatched: bool = False  # delete a store made with other settings instead of refusing
+    staging: Path | None = None  # a store at a URI: local staging directory (None: under $GEDISTILL_CACHE/remote)
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class DumpInputs:
 
 @dataclass(frozen=True)
 class DumpReport:
-    out: Path
+    out: Path | str  # a directory, or the store's URI (credentials left out)
     shards_written: int
     shards_skipped: int
     samples: int
@@ -278,24 +280,25 @@ def finish_dump(writer: StoreWriter, plan: DumpPlan, pending: list[int], mine: i
     manifest = writer.read_manifest()
     if pending or not manifest.get("complete"):
         manifest = writer.write_manifest(extra={"backend_dtype": plan.backend_dtype})
-    return DumpReport(writer.root, len(pending), mine - len(pending), total, time.perf_counter() - t0,
+    return DumpReport(writer.location, len(pending), mine - len(pending), total, time.perf_counter() - t0,
                       dict(status), truncated, tokens, manifest["complete"])
 
 
-def run_dump(cfg: DumpConfig, inputs: DumpInputs, backend: Backend, teacher: dict[str, Any], out: Path,
+def run_dump(cfg: DumpConfig, inputs: DumpInputs, backend: Backend, teacher: dict[str, Any], out: Path | str,
              progress: Callable[[int, int], None] | None = None) -> DumpReport:
-    """Fill `out` with this worker's missing shards; `progress(done, total)` after every batch.
+    """Fill `out` (a directory, or a pyarrow.fs URI: store_remote) with this worker's missing shards;
+    `progress(done, total)` after every batch.
 
     Worker i of W computes shards i, i+W, ... (StoreWriter.pending, the one shard assignment); a Ray run
     (ray_dump) is one such worker whose shards go to a pool of actors, each through compute_shard."""
     t0 = time.perf_counter()
     plan = plan_dump(cfg, inputs, backend, teacher)
     spec = plan.spec
-    writer = StoreWriter(out, spec, replace_mismatched=cfg.replace_mismatched)
+    writer = open_writer(out, spec, replace_mismatched=cfg.replace_mismatched, staging=cfg.staging)
     pending = writer.pending(cfg.num_workers, cfg.worker_index)
     mine = len(range(cfg.worker_index, spec.n_shards, cfg.num_workers))
     total = sum(spec.shard_range(i)[1] - spec.shard_range(i)[0] for i in pending)
-    log.info("%s: %d of this worker's %d shard(s) to compute (%d samples)", out, len(pending), mine, total)
+    log.info("%s: %d of this worker's %d shard(s) to compute (%d samples)", writer.location, len(pending), mine, total)
     status: Counter[str] = Counter()
     truncated = tokens = done = 0
     for index in pending:

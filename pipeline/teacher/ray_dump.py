@@ -7,7 +7,7 @@
   (`StoreWriter.pending(1, 0)` claims every shard and returns those not yet complete) and hands those
   shards to whichever actor is free. The driver writes each returned shard through the store's writer
   (temporary file, fsync, rename, manifest under its lock), so only the driver needs to reach the
-  store path, and the shards, names, row order, manifest and fingerprint are those of a
+  store path (a directory or a pyarrow.fs URI such as s3://: store_remote), and the shards, names, row order, manifest and fingerprint are those of a
   single-process run with the same settings, byte for byte where the compute is the same (same
   dtype and threads per process): a shard's batches are formed within the shard, whoever runs it.
 - Faults: actors are created with `max_restarts` and `max_task_retries`, so an actor killed mid-shard
@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UsageError
-from pipeline.store import StoreWriter, diff_settings
+from pipeline.store import diff_settings
+from pipeline.store.remote import open_writer
 from pipeline.teacher.dump import (DumpConfig, DumpInputs, DumpReport, ShardResult, TeacherOptions, compute_shard,
                                    finish_dump, load_backend, plan_dump)
 
@@ -181,7 +182,7 @@ def _unwrap(ray: Any, e: Exception, what: str) -> Exception:
     return e
 
 
-def run_ray_dump(cfg: DumpConfig, inputs: DumpInputs, opts: TeacherOptions, out: Path, ropts: RayOptions,
+def run_ray_dump(cfg: DumpConfig, inputs: DumpInputs, opts: TeacherOptions, out: Path | str, ropts: RayOptions,
                  progress: Callable[[int, int, int, int], None] | None = None,
                  on_phase: Callable[[str], None] | None = None) -> RayReport:
     """Fill `out` with every missing shard, computed by a pool of Ray actors.
@@ -240,15 +241,15 @@ def run_ray_dump(cfg: DumpConfig, inputs: DumpInputs, opts: TeacherOptions, out:
             ray.shutdown()
 
 
-def _dispatch(ray: Any, plan: Any, actors: list[Any], descs: list[dict], out: Path, cfg: DumpConfig,
+def _dispatch(ray: Any, plan: Any, actors: list[Any], descs: list[dict], out: Path | str, cfg: DumpConfig,
               in_flight: int, progress: Callable[[int, int, int, int], None] | None, connect_s: float,
               actors_ready_s: float) -> RayReport:
     t0 = time.perf_counter()
     spec = plan.spec
-    writer = StoreWriter(out, spec, replace_mismatched=cfg.replace_mismatched)
+    writer = open_writer(out, spec, replace_mismatched=cfg.replace_mismatched, staging=cfg.staging)
     pending = writer.pending(1, 0)  # the store's own assignment: this run is its only worker
     total = sum(spec.shard_range(i)[1] - spec.shard_range(i)[0] for i in pending)
-    log.info("%s: %d of %d shard(s) to compute (%d samples) on %d actor(s)", out, len(pending), spec.n_shards,
+    log.info("%s: %d of %d shard(s) to compute (%d samples) on %d actor(s)", writer.location, len(pending), spec.n_shards,
              total, len(actors))
     queue = list(pending)
     running: dict[Any, tuple[int, int, float]] = {}  # ref -> (shard, actor, submitted)
