@@ -18,6 +18,13 @@ random candidates holding the target, a random ranking and scores, random h_dec 
    objective (SASRec forward/backward + projector, Adam) until the stream has read the whole
    store once. Peak RSS per child (VmHWM); the goal is flat.
 
+3. Issue 10 (`--parts variants,fit,breakdown --store DIR`, e.g. a default run's data/teacher): the student code
+   before its speed changes (torch's dropout and SDPA in training, the next-item loss's in-place column 0) against
+   as it is. `variants`: the four steps (before/after x baseline/distilled) interleaved in one process, each
+   training its own model from the same seed, losses compared bit for bit. `fit`: the real loop, `--epochs`
+   epochs per fresh process, before and after alternating, `--rounds` rounds; histories compared.
+   `breakdown --variant before|after`: where a distilled step's time goes.
+
 Each child sets torch threads; the parent records the machine's load average around each child
 (DESIGN.md point 11: on a shared 2-core machine, threads fight). Results go to
 benchmarks/results/bench_distill.json.
@@ -129,6 +136,8 @@ def child_epochs(a: argparse.Namespace) -> dict:
     from pipeline.student.train import TrainConfig, fit
 
     _threads(a.threads)
+    if a.variant == "before":
+        _use_before()
     data = load_prepared(a.prepared)
     mcfg = SasrecConfig(n_items=data.n_items)
     tcfg = TrainConfig(epochs=a.epochs, patience=a.epochs + 1, seed=a.seed)
@@ -140,12 +149,13 @@ def child_epochs(a: argparse.Namespace) -> dict:
         dcfg = DistillConfig(teacher_batch_size=a.teacher_batch_size, emb_loss="cosine")
         objective = DistillObjective(dcfg, data, list(info.shard_paths), mcfg.hidden, mcfg.max_len)
     result = fit(model, data, tcfg, objective=objective, show_progress=False)
-    return {"side": a.child, "epoch_s": [float(r["train_seconds"]) for r in result.history],
+    return {"side": a.child, "variant": a.variant, "epoch_s": [float(r["train_seconds"]) for r in result.history],
+            "history": [{k: v for k, v in r.items() if k != "train_seconds"} for r in result.history],
             "teacher_batch_size": a.teacher_batch_size if objective else None,
             "peak_rss_mib": _peak_rss_mib(), "threads": torch.get_num_threads()}
 
 
-def _step_setup(a: argparse.Namespace):
+def _step_setup(a: argparse.Namespace, foreach: bool | None = None):
     """What the step-level children share: the data, a fresh SASRec, the distillation objective over the
     store, one Adam over both, the training windows and a seeded generator."""
     import torch
@@ -163,7 +173,11 @@ def _step_setup(a: argparse.Namespace):
     model = SASRec(mcfg).train()
     obj = DistillObjective(DistillConfig(teacher_batch_size=a.teacher_batch_size), data,
                            list(open_teacher_store(a.store, data).shard_paths), mcfg.hidden, mcfg.max_len)
-    opt = torch.optim.Adam(list(model.parameters()) + list(obj.parameters()), lr=1e-3)
+    from pipeline.student import sasrec
+
+    if foreach is None:  # as fit() builds it
+        foreach = True if sasrec.FAST_TRAIN_OPS else None
+    opt = torch.optim.Adam(list(model.parameters()) + list(obj.parameters()), lr=1e-3, foreach=foreach)
     X, Y = (torch.from_numpy(x) for x in training_windows(data.train, mcfg.max_len))
     gen = torch.Generator().manual_seed(a.seed)
     return data, model, obj, opt, X, Y, gen, tcfg
@@ -195,16 +209,91 @@ def child_steps(a: argparse.Namespace) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def _old_next_item_loss(model, x, y, kind, n_neg, gen):
+    """pipeline.student.train.next_item_loss before issue 10's change (its CE branch): the logits' column 0 set to
+    -inf in place, whose backward copies the whole [M, N+1] gradient."""
+    import torch.nn.functional as F
+
+    assert kind == "ce"
+    h = model.encode(x)[y != 0]
+    t = y[y != 0]
+    logits = h @ model.item_emb.weight.T
+    logits[:, 0] = float("-inf")
+    return F.cross_entropy(logits, t)
+
+
+def _use_before() -> None:
+    """This process runs the student code as it was before issue 10's speed changes: torch's own dropout and
+    SDPA in training and Adam's per-parameter loop (sasrec.FAST_TRAIN_OPS off), and the old next-item loss."""
+    from pipeline.student import sasrec, train
+
+    sasrec.FAST_TRAIN_OPS = False
+    train.next_item_loss = _old_next_item_loss
+
+
+def child_variants(a: argparse.Namespace) -> dict:
+    """Before vs after issue 10's speed changes, baseline and distilled optimizer steps, all four interleaved in one
+    process (the order of before/after alternating per round) on the real store. Each of the four trains its own
+    model from the same seed on the same batches, with its own copy of the global RNG state (dropout), so before
+    and after must give the same loss, bit for bit, at every step: checked and recorded."""
+    import torch
+
+    from pipeline.student import sasrec, train
+
+    new_loss = train.next_item_loss
+    runs = {}
+    for var in ("before", "after"):
+        for side in ("baseline", "distilled"):
+            data, model, obj, opt, X, Y, gen, tcfg = _step_setup(a, foreach=True if var == "after" else False)
+            runs[(var, side)] = {"model": model, "obj": obj, "opt": opt, "gen": gen, "rng": torch.get_rng_state(),
+                                 "times": [], "losses": []}
+    for i in range(a.steps + 3):
+        for var in (("before", "after") if i % 2 else ("after", "before")):
+            sasrec.FAST_TRAIN_OPS = var == "after"
+            nil = new_loss if var == "after" else _old_next_item_loss
+            for side in ("baseline", "distilled"):
+                r = runs[(var, side)]
+                torch.set_rng_state(r["rng"])
+                idx = torch.randint(0, len(X), (tcfg.batch_size,), generator=r["gen"])
+                t0 = time.perf_counter()
+                loss = nil(r["model"], X[idx], Y[idx], "ce", 1, r["gen"])
+                if side == "distilled":
+                    loss = loss + r["obj"].loss(r["model"], i)[0]
+                r["opt"].zero_grad(set_to_none=True)
+                loss.backward()
+                r["opt"].step()
+                dt = time.perf_counter() - t0
+                r["rng"] = torch.get_rng_state()
+                r["losses"].append(loss.item())
+                if i >= 3:  # warm-up steps are not counted
+                    r["times"].append(dt)
+    sasrec.FAST_TRAIN_OPS = True
+    med = {f"{v}/{s}": statistics.median(r["times"]) for (v, s), r in runs.items()}
+    same = {s: runs[("before", s)]["losses"] == runs[("after", s)]["losses"] for s in ("baseline", "distilled")}
+    return {"median_step_s": med,
+            "ratio_distilled_over_baseline": {v: med[f"{v}/distilled"] / med[f"{v}/baseline"] for v in ("before", "after")},
+            "after_over_before": {s: med[f"after/{s}"] / med[f"before/{s}"] for s in ("baseline", "distilled")},
+            "losses_bit_identical": same, "losses_first_5": {f"{v}/{s}": r["losses"][:5] for (v, s), r in runs.items()},
+            "steps": a.steps, "teacher_batch_size": a.teacher_batch_size, "threads": torch.get_num_threads()}
+
+
 def child_breakdown(a: argparse.Namespace) -> dict:
     """Where a distilled step's extra time goes: baseline and distilled steps interleaved in one process,
-    each part of the distilled step timed by wrapping the objective's own methods (no copy of its code):
-    teacher batch draw (the stream), histories, targets, the student's encoding of the teacher histories,
-    the rest of the objective's forward (scores, ListNet, projector, embedding loss, logs), backward and
-    the optimizer step. Plus one validation pass (what every epoch adds on both sides)."""
+    each part of the distilled step timed by wrapping the objective's own methods and the functions it calls
+    (no copy of its code): teacher batch draw (the stream: Arrow decoding and the shuffle buffer), histories
+    (rebuilt from the training sequences), targets (ranks, teacher distribution), the student's encoding of the
+    teacher histories, the candidates' scores, importance weights, ListNet, the projector, the embedding loss,
+    the rest of the objective (tensor conversion of the batch, the collapse-check logs), backward and the
+    optimizer step. Plus one validation pass (what every epoch adds on both sides)."""
     import torch
 
     from pipeline.student.train import evaluate, next_item_loss
 
+    if a.variant == "before":
+        _use_before()
+    from pipeline.student import train
+
+    next_item_loss = train.next_item_loss  # noqa: F811 (the variant's)
     data, model, obj, opt, X, Y, gen, tcfg = _step_setup(a)
     acc: dict[str, float] = {}
 
@@ -217,10 +306,16 @@ def child_breakdown(a: argparse.Namespace) -> dict:
                 acc[name] = acc.get(name, 0.0) + time.perf_counter() - t0
         return wrapper
 
+    from pipeline.student import distill as distill_mod
+
     batches = obj._batches
     obj._batches = iter(timed("draw", lambda: next(batches)), None)
     obj._histories = timed("histories", obj._histories)
     obj.targets = timed("targets", obj.targets)
+    for name in ("importance_weights", "listnet_loss", "embedding_loss"):  # the names distill.py calls
+        setattr(distill_mod, name, timed(name, getattr(distill_mod, name)))
+    obj.projector.forward = timed("projector", obj.projector.forward)
+    model.score_items = timed("candidate_scores", model.score_items)
     enc = model.user_embedding
     parts: dict[str, dict[str, list[float]]] = {"baseline": {}, "distilled": {}}
     for i in range(a.steps + 3):
@@ -255,7 +350,7 @@ def child_breakdown(a: argparse.Namespace) -> dict:
     steps_per_epoch = (len(X) + tcfg.batch_size - 1) // tcfg.batch_size
     return {"median_s": med, "ratio_distilled_over_baseline": med["distilled"]["step"] / med["baseline"]["step"],
             "validation_pass_s": eval_s, "steps": a.steps, "steps_per_epoch": steps_per_epoch,
-            "teacher_batch_size": a.teacher_batch_size, "threads": torch.get_num_threads()}
+            "teacher_batch_size": a.teacher_batch_size, "variant": a.variant, "threads": torch.get_num_threads()}
 
 
 def child_stream(a: argparse.Namespace) -> dict:
@@ -345,18 +440,24 @@ def main() -> None:
     ap.add_argument("--parts", default="epochs,steps,memory")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "bench_distill.json")
     ap.add_argument("--steps", type=int, default=40, help="interleaved steps per side (part 'steps')")
-    ap.add_argument("--child", choices=["baseline", "distilled", "memory", "steps", "breakdown", "stream"], help=argparse.SUPPRESS)
-    ap.add_argument("--store", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--variant", choices=["before", "after"], default="after",
+                    help="the student code before issue 10's speed changes, or as it is (parts epochs, breakdown)")
+    ap.add_argument("--child", choices=["baseline", "distilled", "memory", "steps", "breakdown", "stream", "variants"],
+                    help=argparse.SUPPRESS)
+    ap.add_argument("--store", type=Path, help="an existing teacher store (e.g. a default run's data/teacher) for the "
+                    "steps/breakdown/stream/variants parts instead of a synthetic one; read only")
     a = ap.parse_args()
     if a.child:
-        fn = {"memory": child_memory, "steps": child_steps, "breakdown": child_breakdown, "stream": child_stream}.get(a.child, child_epochs)
+        fn = {"memory": child_memory, "steps": child_steps, "breakdown": child_breakdown, "stream": child_stream,
+              "variants": child_variants}.get(a.child, child_epochs)
         print(MARK + json.dumps(fn(a)), flush=True)
         return
 
     work = Path(tempfile.mkdtemp(prefix="bench_distill_"))
+    real = a.store
     common = ["--prepared", str(a.prepared), "--threads", str(a.threads), "--seed", str(a.seed),
-              "--teacher-batch-size", str(a.teacher_batch_size)]
-    res: dict = {"command": "python benchmarks/bench_distill.py " + " ".join(sys.argv[1:]),
+              "--teacher-batch-size", str(a.teacher_batch_size), "--variant", a.variant]
+    res: dict = {"store": str(real) if real else "synthetic", "load_start": os.getloadavg(), "command": "python benchmarks/bench_distill.py " + " ".join(sys.argv[1:]),
                  "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "threads": a.threads}
     try:
@@ -372,20 +473,48 @@ def main() -> None:
             med = {s: statistics.median([t for d in v for t in d["epoch_s"]]) for s, v in runs.items()}
             res["epochs"] = {"runs": runs, "median_epoch_s": med, "ratio_distilled_over_baseline": med["distilled"] / med["baseline"]}
         if "steps" in a.parts:
-            store = work / "timing"
+            store = real or work / "timing"
             if not store.exists():
                 res["timing_store"] = write_synthetic_store(store, a.prepared, last_m=a.last_m, repeat=1, width=a.width)
             print(f"[bench] interleaved steps, load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
             res["steps"] = run_child(["--child", "steps", "--store", str(store), "--steps", str(a.steps), *common], a.threads)
         if "breakdown" in a.parts:
-            store = work / "timing"
+            store = real or work / "timing"
             if not store.exists():
                 res["timing_store"] = write_synthetic_store(store, a.prepared, last_m=a.last_m, repeat=1, width=a.width)
             print(f"[bench] step breakdown, load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
             res["breakdown"] = run_child(["--child", "breakdown", "--store", str(store), "--steps", str(a.steps),
                                           *common], a.threads)
+        if "variants" in a.parts:
+            store = real or work / "timing"
+            if not store.exists():
+                res["timing_store"] = write_synthetic_store(store, a.prepared, last_m=a.last_m, repeat=1, width=a.width)
+            print(f"[bench] before/after steps interleaved, load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
+            res["variants"] = run_child(["--child", "variants", "--store", str(store), "--steps", str(a.steps), *common],
+                                        a.threads)
+        if "fit" in a.parts:  # the real loop (fit), before and after alternating in fresh processes, same seed
+            store = real or work / "timing"
+            if not store.exists():
+                res["timing_store"] = write_synthetic_store(store, a.prepared, last_m=a.last_m, repeat=1, width=a.width)
+            fits: dict[str, list] = {}
+            base = [c for c in common if c not in ("before", "after", "--variant")]
+            for r in range(a.rounds):
+                for side in ("baseline", "distilled"):
+                    for var in (("before", "after") if r % 2 == 0 else ("after", "before")):
+                        print(f"[bench] fit {side} {var} round {r}, load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
+                        fits.setdefault(f"{var}/{side}", []).append(run_child(
+                            ["--child", side, "--store", str(store), "--epochs", str(a.epochs), *base, "--variant", var],
+                            a.threads))
+            med = {k: statistics.median([t for d in v for t in d["epoch_s"]]) for k, v in fits.items()}
+            res["fit"] = {
+                "runs": fits, "median_epoch_s": med,
+                "ratio_distilled_over_baseline": {v: med[f"{v}/distilled"] / med[f"{v}/baseline"] for v in ("before", "after")},
+                "after_over_before": {s: med[f"after/{s}"] / med[f"before/{s}"] for s in ("baseline", "distilled")},
+                "histories_identical": {s: all(d["history"] == fits[f"before/{s}"][0]["history"]
+                                               for v in ("before", "after") for d in fits[f"{v}/{s}"])
+                                        for s in ("baseline", "distilled")}}
         if "stream" in a.parts:
-            store = work / "timing"
+            store = real or work / "timing"
             if not store.exists():
                 res["timing_store"] = write_synthetic_store(store, a.prepared, last_m=a.last_m, repeat=1, width=a.width)
             res["stream"] = run_child(["--child", "stream", "--store", str(store), "--steps", str(a.steps), *common],
@@ -419,6 +548,16 @@ def main() -> None:
             print(f"{side:9s} median s: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in d.items()))
         print(f"ratio {bd['ratio_distilled_over_baseline']:.3f}; one validation pass {bd['validation_pass_s']:.2f} s "
               f"({bd['steps_per_epoch']} steps an epoch)")
+    if "variants" in res:
+        v = res["variants"]
+        print("before/after steps (median ms): " + ", ".join(f"{k} {x * 1000:.1f}" for k, x in v["median_step_s"].items())
+              + f"; distilled/baseline {v['ratio_distilled_over_baseline']}; after/before {v['after_over_before']}; "
+              f"losses bit-identical {v['losses_bit_identical']}")
+    if "fit" in res:
+        f = res["fit"]
+        print("fit epochs (median s): " + ", ".join(f"{k} {x:.2f}" for k, x in f["median_epoch_s"].items())
+              + f"; distilled/baseline {f['ratio_distilled_over_baseline']}; after/before {f['after_over_before']}; "
+              f"histories identical {f['histories_identical']}")
     if "stream" in res:
         print("teacher draws per epoch (median s): " + ", ".join(
             f"{k} {v:.3f}" for k, v in res["stream"]["median_s_per_151_draws"].items()))
