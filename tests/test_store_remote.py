@@ -109,7 +109,8 @@ def put(env: dict, uri: str, name: str, data: bytes) -> None:
 def test_dump_to_s3_writes_the_local_store_byte_for_byte(s3, world):
     """Fails if any object differs from the local dump's file (a manifest listing other entries, a shard
     uploaded before its rename, the card left out or uploaded stale), if anything else is left in the
-    bucket (temporary objects), or if `cache verify` / `cache info` cannot read a store at a URI."""
+    bucket (temporary objects), if `cache verify` / `cache info` cannot read a store at a URI, or if `cache
+    card` on a URI does not upload the card it writes."""
     root, io, ref = world
     uri = "s3://bkt/same"
     r = dump(s3, io, uri)
@@ -124,6 +125,11 @@ def test_dump_to_s3_writes_the_local_store_byte_for_byte(s3, world):
     assert "4 of 4 (complete)" in i.stdout and "ok 10" in i.stdout
     again = dump(s3, io, uri)  # a complete store is left as it is
     assert again.returncode == 0 and "0 shard(s) written, 4 already complete" in flat(again.stdout)
+    assert objects(s3, uri) == ref
+    fs, path = _fs(s3, uri)
+    fs.delete_file(f"{path}/README.md")
+    c = gedistill(s3, "cache", "card", uri)  # verifies a fresh copy, then uploads the card
+    assert c.returncode == 0, c.stderr
     assert objects(s3, uri) == ref
 
 
@@ -264,15 +270,28 @@ print('REPORT ' + json.dumps({{'same': again == local, 'rows': info.n_rows, 'bad
 @pytest.mark.skipif("materialize_store" not in (ROOT / "stages" / "train_student.py").read_text(),
                     reason="stages/train_student.py does not call materialize_store yet (diff in the issue 11 report)")
 def test_student_train_from_an_s3_store(s3, world, tmp_path):
-    """The installed `gedistill student-train --teacher-cache s3://...` trains from the store; its config
-    records the URI as given."""
+    """The installed `gedistill student-train --teacher-cache s3://...` trains from the store (its config
+    records the URI as given), and `evaluate --teacher-cache s3://...` reports the teacher's quality from it.
+    Fails if either reads the option as a local path (seen with the materialize_store call taken out of
+    student-train: typer's Path folds `s3://bkt` into `s3:/bkt`, 'not a teacher store')."""
     root, io, _ = world
     uri = "s3://bkt/train"
     assert dump(s3, io, uri).returncode == 0
     out = tmp_path / "student"
+    small = ["--hidden", "16", "--heads", "1", "--blocks", "1", "--max-len", "8", "--epochs", "1",
+             "--batch-size", "16", "--threads", "1"]
     r = gedistill(s3, "student-train", "--prepared", str(root / "in" / "prepared"), "--teacher-cache", uri,
-                  "--out", str(out), "--metrics", str(tmp_path / "m.json"), "--hidden", "16", "--heads", "1",
-                  "--blocks", "1", "--max-len", "8", "--epochs", "1", "--batch-size", "16", "--threads", "1",
+                  "--out", str(out), "--metrics", str(tmp_path / "m.json"), *small,
                   "--teacher-batch-size", "8", "--buffer-rows", "16")
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((out / "config.json").read_text())["teacher_cache"] == [uri]
+    base = tmp_path / "baseline"
+    r = gedistill(s3, "student-train", "--prepared", str(root / "in" / "prepared"), "--out", str(base),
+                  "--metrics", str(tmp_path / "b.json"), *small)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = gedistill(s3, "evaluate", "--prepared", str(root / "in" / "prepared"), "--baseline", str(base),
+                  "--distilled", str(out), "--teacher-cache", uri, "--metrics", str(tmp_path / "e.json"),
+                  "--plots", str(tmp_path / "plots"), "--n-boot", "100", "--threads", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["settings"]["teacher_cache"] == [uri] and "teacher" in report
