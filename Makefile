@@ -27,10 +27,13 @@ run: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro evaluate
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc metrics show data/metrics/summary.json
 
-# The `tuned` profile: retrieve -> teacher-tune -> teacher-dump -> distill -> evaluate (params.yaml teacher_tune).
+# The `tuned` profile, a DVC project of its own in tuned/ (tuned/dvc.yaml, docs/SHARING.md): the default profile's
+# data, baseline and candidates (dvc repro retrieve: nothing to do after make run), then in tuned/
+# teacher-tune -> teacher-dump -> distill -> evaluate (params.yaml teacher_tune); outputs in tuned/data/.
 run-tuned: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro evaluate_tuned
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc metrics show data/metrics/summary.json data/metrics/summary-tuned.json
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro retrieve
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc --cd tuned repro evaluate_tuned
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc metrics show data/metrics/summary.json tuned/data/metrics/summary.json
 
 # The whole suite, the vLLM parity tests included: make test sets vLLM up first (make run never needs it:
 # on a CPU the default backend is HF). A vLLM that does not import fails here, before pytest; with CI set

@@ -106,16 +106,60 @@ def command_modules() -> dict[str, str]:
     return out
 
 
-def dvc_stages() -> dict[str, dict]:
-    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+# The default profile's pipeline (the top-level DVC project: make run) and the tuned profile's, a DVC project of
+# its own in tuned/ (make run-tuned) so that a plain `dvc pull` at the top never meets its stages.
+PIPELINES = ("dvc.yaml", "tuned/dvc.yaml")
+
+
+def _norm(folder: str, path: str) -> str:
+    """A path of a pipeline file in `folder` (relative to it) as a path from the repository root."""
+    return os.path.normpath(os.path.join(folder, path))
+
+
+def dvc_stages(files: tuple[str, ...] = PIPELINES) -> dict[str, dict]:
+    """Every stage of the pipeline files, deps and outs as paths from the repository root; a stage of
+    tuned/dvc.yaml is named `tuned/dvc.yaml:<name>`, as DVC addresses it."""
+    stages = {}
+    for f in files:
+        folder = os.path.dirname(f)
+        for name, st in yaml.safe_load((ROOT / f).read_text())["stages"].items():
+            st = dict(st, deps=[_norm(folder, d) for d in st.get("deps", [])], folder=folder)
+            for kind in ("outs", "metrics", "plots"):
+                st[kind] = [_norm(folder, e if isinstance(e, str) else next(iter(e))) for e in st.get(kind, [])]
+            stages[name if not folder else f"{f}:{name}"] = st
+    return stages
+
+
+def root_stages() -> dict[str, dict]:
+    """The stages `make run` (dvc repro evaluate) and a plain `dvc pull` at the top see."""
+    return dvc_stages(("dvc.yaml",))
+
+
+def stage_commands(stage: dict) -> list[list[str]]:
+    """The words of each `gedistill` command of a stage (`cmd` a string or a list; a leading `cd .. &&` dropped).
+    Fails on any other command but the `mv` that publishes a finished store."""
+    cmds = stage["cmd"] if isinstance(stage["cmd"], list) else [stage["cmd"]]
+    out = []
+    for c in cmds:
+        words = c.split()
+        if words[:3] == ["cd", "..", "&&"]:
+            words = words[3:]
+        if words[0] == "mv":
+            continue
+        assert words[0] == "gedistill", f"cmd does not run gedistill: {c[:60]}"
+        out.append(words)
+    assert out, f"no gedistill command in {stage['cmd']}"
+    return out
+
+
+def stage_files(stage: dict, commands: dict[str, str]) -> frozenset[Path]:
+    return frozenset().union(*(reached(commands[w[1]]) for w in stage_commands(stage)))
 
 
 def code_deps_missing(stage: dict, commands: dict[str, str]) -> list[str]:
     """Project files the stage's command runs that no entry of its `deps` covers (a folder covers its files)."""
-    words = stage["cmd"].split()
-    assert words[0] == "gedistill", f"cmd does not run gedistill: {stage['cmd'][:60]}"
     deps = [ROOT / d for d in stage.get("deps", [])]
-    files = reached(commands[words[1]])
+    files = stage_files(stage, commands)
     return sorted(str(f.relative_to(ROOT)) for f in files
                   if not any(f == d or d in f.parents for d in deps))
 
@@ -136,10 +180,10 @@ def test_stage_code_deps_are_exactly_what_runs():
     commands = command_modules()
     problems = {}
     for name, st in dvc_stages().items():
-        files = reached(commands[st["cmd"].split()[1]])
+        files = stage_files(st, commands)
         for d in st.get("deps", []):
             p = ROOT / d
-            if d.startswith("data/"):
+            if d.startswith(("data/", "tuned/data/")):
                 continue  # stage outputs
             if not p.exists():
                 problems.setdefault(name, []).append(f"{d} does not exist")
@@ -194,7 +238,7 @@ TINY_PARAMS = {
     "distill": {"w_rec": 1.0, "w_rank": 1.0, "lambda_emb": 1.0, "emb_loss": "cosine", "teacher_target": "ranking",
                 "teacher_temperature": 1.0, "init": "scratch", "seed": 2020, "threads": 1},
     "evaluate": {"n_boot": 100, "seed": 0},
-    # the tuned profile is not reproduced here (make run does not run it), but dvc.yaml must parse
+    # the tuned profile (tuned/dvc.yaml reads this params.yaml too): tests/test_sharing.py runs it on these
     "teacher_tune": {"method": "lora", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "q_proj",
                      "top_layers": 1, "lr": 0.001, "batch_size": 2, "grad_accum": 1, "epochs": 1, "max_samples": 4,
                      "holdout_fraction": 0.25, "seed": 0, "threads": 1},
@@ -206,7 +250,7 @@ def _tracked_files() -> list[str]:
     committed), without dvc.lock and outputs."""
     out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
-    return [f for f in out.split("\0") if f and f != "dvc.lock" and (ROOT / f).is_file()]
+    return [f for f in out.split("\0") if f and Path(f).name != "dvc.lock" and (ROOT / f).is_file()]
 
 
 def _clone(dest: Path, files: list[str], src: Path = ROOT) -> None:
@@ -235,12 +279,7 @@ def _repro(dest: Path) -> str:
 
 def _tracked_outputs() -> list[str]:
     """Every path dvc.yaml declares as an output (outs and metrics): what dvc.lock hashes."""
-    paths = []
-    for st in dvc_stages().values():
-        for kind in ("outs", "metrics", "plots"):
-            for entry in st.get(kind, []):
-                paths.append(entry if isinstance(entry, str) else next(iter(entry)))
-    return paths
+    return [path for st in root_stages().values() for kind in ("outs", "metrics", "plots") for path in st[kind]]
 
 
 def _json_diff(x, y, prefix: str = "") -> list[str]:
@@ -382,7 +421,7 @@ def test_params_file_defines_every_parameter_the_stages_use():
         source = TINY_PARAMS if tiny else params
         missing = []
         for name, st in dvc_stages().items():
-            for ref in re.findall(r"\$\{([\w.]+)\}", st["cmd"]):
+            for ref in re.findall(r"\$\{([\w.]+)\}", " ".join(st["cmd"] if isinstance(st["cmd"], list) else [st["cmd"]])):
                 node = source
                 for part in ref.split("."):
                     node = node.get(part) if isinstance(node, dict) else None
@@ -409,26 +448,78 @@ def test_summary_metrics_give_the_verdict_in_short_keys():
     assert worse["diff_ci95"] == "[-0.0430, -0.0192]" and worse["teacher"] == 0.354123
 
 
-def test_dvc_metrics_show_fits_in_120_columns(tmp_path: Path):
-    """Fails if dvc.yaml declares a metrics file beyond the evaluate stages' summaries (a student's metrics or
-    the full report: `dvc metrics show` printed one line of about 3,000 characters), or if the summary gains
-    keys that widen DVC's table past 120 columns. Real `dvc metrics show` on this dvc.yaml, with the widest
-    values (negative differences and CIs, both profiles' files present)."""
+TUNED_PROJECT = ("tuned/dvc.yaml", "tuned/.dvc/config", "tuned/.dvc/.gitignore", "tuned/.dvcignore", "tuned/.gitignore")
+
+
+def _pipeline_repo(dest: Path) -> Path:
+    """A git + DVC repository holding the two pipeline files (the tuned one with its DVC project), TINY_PARAMS."""
     from dvc.repo import Repo
 
-    shutil.copy2(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    Repo.init(str(tmp_path))
-    declared = [next(iter(m)) if isinstance(m, dict) else m for st in dvc_stages().values() for m in st.get("metrics", [])]
-    assert declared == ["data/metrics/summary.json", "data/metrics/summary-tuned.json"]
+    for f in ("dvc.yaml", *TUNED_PROJECT):
+        if not (ROOT / f).is_file():
+            continue  # (the test below then says what is wrong)
+        (dest / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, dest / f)
+    (dest / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    Repo.init(str(dest))
+    return dest
+
+
+def _dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "COLUMNS": "200"})
+
+
+def test_tuned_profile_is_a_dvc_project_of_its_own(tmp_path: Path):
+    """Fails if the top-level DVC project sees the tuned profile's stages (they were in dvc.yaml, and a plain
+    `dvc pull` exited 1 on their outputs while that profile had never run; a tuned/dvc.yaml without its own
+    tuned/.dvc is still collected by the top-level project: seen failing with tuned/.dvc removed), or if
+    tuned/dvc.yaml does not load in its project (`dvc --cd tuned ...`, make run-tuned) with the top-level
+    params.yaml. (tests/test_sharing.py runs both profiles and the plain pull with real outputs.)"""
+    repo = _pipeline_repo(tmp_path)
+    top = _dvc(repo, "stage", "list", "--all", "--name-only")
+    assert top.returncode == 0, top.stderr
+    assert top.stdout.split() == ["prepare", "baseline", "retrieve", "teacher_dump", "distill", "evaluate"], top.stdout
+    tuned = _dvc(repo, "--cd", "tuned", "stage", "list", "--all", "--name-only")
+    assert tuned.returncode == 0, tuned.stderr
+    assert tuned.stdout.split() == ["teacher_tune", "teacher_dump_tuned", "distill_tuned", "evaluate_tuned"], tuned.stdout
+
+
+def test_no_stage_output_is_persistent():
+    """Fails if a stage output is `persist: true`: DVC never records such a stage in its run cache (dvc/stage/cache.py
+    `_can_hash`), so `dvc repro --pull` in a clone without a matching dvc.lock reran the teacher instead of restoring
+    it (tests/test_sharing.py shows it end to end). Resuming a killed teacher-dump or teacher-tune goes through
+    the `.partial` folder that the stage's command moves into place when complete."""
+    persistent = {f"{f}:{name}": [next(iter(o)) for o in st.get("outs", []) if isinstance(o, dict) and
+                                  next(iter(o.values())).get("persist")]
+                  for f in PIPELINES for name, st in yaml.safe_load((ROOT / f).read_text())["stages"].items()}
+    assert not {k: v for k, v in persistent.items() if v}
+    for name, st in dvc_stages().items():
+        cmds = st["cmd"] if isinstance(st["cmd"], list) else [st["cmd"]]
+        for c in cmds:  # a store or tuned model written to X.partial is moved to the stage's output X
+            if " --out " in c and ".partial" in c:
+                partial = c.split(" --out ")[1].split()[0]
+                assert f"mv {partial} {partial.removesuffix('.partial')}" in cmds, (name, cmds)
+                assert _norm(st["folder"], partial.removesuffix(".partial")) in st["outs"], (name, st["outs"])
+
+
+def test_dvc_metrics_show_fits_in_120_columns(tmp_path: Path):
+    """Fails if a pipeline declares a metrics file beyond the evaluate stages' summaries (a student's metrics or
+    the full report: `dvc metrics show` printed one line of about 3,000 characters), or if the summary gains
+    keys that widen DVC's table past 120 columns. Real `dvc metrics show` on the pipeline files, with the widest
+    values (negative differences and CIs, both profiles' files present): a plain one at the top shows the default
+    profile's summary alone (the tuned profile's stages are another project: no row of `-` for it), make
+    run-tuned's shows both."""
+    repo = _pipeline_repo(tmp_path)
+    declared = [m for st in dvc_stages().values() for m in st["metrics"]]
+    assert declared == ["data/metrics/summary.json", "tuned/data/metrics/summary.json"]
     for path in declared:
-        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / path).write_text(json.dumps(_summary(-0.030812, -0.043011, -0.019234)))
-    bin_dir = Path(sys.executable).parent
-    r = subprocess.run([str(bin_dir / "dvc"), "metrics", "show"], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=300, env={**os.environ, "COLUMNS": "200"})
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
-    assert len(lines) == 3 and "verdict" in lines[0] and "worse" in lines[1], r.stdout
-    assert max(map(len, lines)) <= 120, r.stdout
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_text(json.dumps(_summary(-0.030812, -0.043011, -0.019234)))
+    for args, rows in ((["metrics", "show"], 1), (["metrics", "show", *declared], 2)):
+        r = _dvc(repo, *args)
+        assert r.returncode == 0 and "failed to load" not in r.stderr, r.stderr
+        lines = r.stdout.splitlines()
+        assert len(lines) == 1 + rows and "verdict" in lines[0] and "worse" in lines[1], r.stdout
+        assert max(map(len, lines)) <= 120, r.stdout
