@@ -106,7 +106,9 @@ VARIANTS = {
     "fused_b32": ({"fused_ops": True}, 32, False),
     "eager_attn": ({"attn_implementation": "eager", "fused_ops": False}, 16, False),
     "right_pad_causal": ({"fused_ops": True}, 16, True),
+    "compiled": ({}, 16, False),  # the default backend with torch.compile(base, dynamic=True): COMPILED below
 }
+COMPILED = {"compiled"}  # variants whose base model runs through torch.compile (compile time in "warmup_s")
 
 
 def run_variants(args: argparse.Namespace) -> dict:
@@ -127,8 +129,11 @@ def run_variants(args: argparse.Namespace) -> dict:
     for n in names:
         over, bs, _ = VARIANTS[n]
         key = tuple(sorted(over.items()))
-        teachers[n] = next((t for m, t in teachers.items() if tuple(sorted(VARIANTS[m][0].items())) == key), None) \
-            or HFTeacher(HFConfig(loc, dtype=args.dtype, batch_size=bs, **over))
+        teachers[n] = next((t for m, t in teachers.items()
+                            if tuple(sorted(VARIANTS[m][0].items())) == key and (m in COMPILED) == (n in COMPILED)),
+                           None) or HFTeacher(HFConfig(loc, dtype=args.dtype, batch_size=bs, **over))
+        if n in COMPILED:
+            teachers[n].base = torch.compile(teachers[n].base, dynamic=True)
     t0 = teachers[names[0]]
     inputs = load_inputs(args.prepared, args.candidates, limit=args.prompts)
     ident, ids = prompt_ids(inputs, t0)
@@ -157,7 +162,11 @@ def run_variants(args: argparse.Namespace) -> dict:
         o = t.run(ids, ident, "first-token")
         return o.h_dec, o.scores
 
-    outs = {n: run(n) for n in names}  # warm-up, and the outputs compared
+    outs, warmup_s = {}, {}
+    for n in names:  # warm-up (a compiled variant compiles here), and the outputs compared
+        t = time.perf_counter()
+        outs[n] = run(n)
+        warmup_s[n] = time.perf_counter() - t
     times: dict[str, list[float]] = {n: [] for n in names}
     loads = []
     for _ in range(args.rounds):
@@ -176,7 +185,7 @@ def run_variants(args: argparse.Namespace) -> dict:
         res[n] = {"round_s": times[n], "median_round_s": med, "samples_per_s": len(ids) / med,
                   "min_cosine_vs_before": float(cos.min()), "rankings_identical": int(sum(same_rank)),
                   "max_abs_score_diff": float(np.abs(sc - ref_s).max()), "batch_size": VARIANTS[n][1],
-                  "fused": dict(teachers[n].fused)}
+                  "fused": dict(teachers[n].fused), "compiled": n in COMPILED, "warmup_s": warmup_s[n]}
     return {"threads": args.threads, "prompts": len(ids), "dtype": t0.dtype_name, "rounds": args.rounds,
             "mean_prompt_tokens": sum(len(i) for i in ids) / len(ids), "load_avg_per_round": loads, "variants": res}
 
