@@ -176,22 +176,26 @@ class Remote:
     def upload(self, local: Path, name: str, fault: str | None = None) -> None:
         """One object, whole or absent: a PUT on an object store, a temporary object and a move elsewhere.
         `fault`: the mid-upload fault point (tests kill the process with half the bytes sent)."""
-        data = local.read_bytes()
+        total = local.stat().st_size
         key = self.key(name)
         target = key if self.atomic_put else self.key(f".{name}.tmp-{os.getpid()}")
+        sent = 0
         try:
-            with self.fs.open_output_stream(target) as out:
-                out.write(data[: len(data) // 2])
-                if fault:
-                    fault_point(fault)
-                out.write(data[len(data) // 2:])
+            with open(local, "rb") as src, self.fs.open_output_stream(target) as out:
+                while block := src.read(min(_CHUNK, max(1, total // 2 - sent)) if sent < total // 2 else _CHUNK):
+                    out.write(block)
+                    sent += len(block)
+                    if fault and sent == total // 2:
+                        fault_point(fault)
             if target != key:
                 self.fs.move(target, key)
             size = self.fs.get_file_info(key).size
         except (pa.ArrowException, OSError) as e:
+            if isinstance(e, OSError) and e.filename:  # the local side: the staged file went missing
+                raise
             raise self._io(f"upload {name}", e) from None
-        if size != len(data):
-            raise OSError(f"{self.name}/{name}: {size} bytes after the upload, {len(data)} sent")
+        if size != total:
+            raise OSError(f"{self.name}/{name}: {size} bytes after the upload, {total} sent")
 
     def delete(self, name: str) -> None:
         try:
