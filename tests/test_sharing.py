@@ -15,7 +15,7 @@ of the producer with `import transformers` added to its stages/evaluate.py stopp
 `dvc pull --run-cache evaluate` did not restore it) failed on `find_spec("vllm")` the same way.
 
 Slow on a loaded 2-core machine: 1,038 s for the module at load 18-30 (the producer's tiny pipeline 748 s of it);
-about 165 s at load 4-5 (2026-11-30, 9 tests: the producer 28 s, the tuned profile's run 52 s, the killed
+about 165 s at load 4-5 (2026-11-30, 8 tests: the producer 28 s, the tuned profile's run 52 s, the killed
 teacher_dump 17 s).
 """
 
