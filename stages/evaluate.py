@@ -25,6 +25,7 @@ from pipeline.student.sasrec import SASRec
 from pipeline.data.sequences import left_pad
 from pipeline.evaluation.stats import PairedDiff, paired_bootstrap
 from pipeline.store import iter_batches, open_store
+from pipeline.store.remote import materialize_store
 from pipeline.evaluation.teacher_quality import TeacherQuality
 from pipeline.student.train import rank_targets, split_inputs
 from stages.outputs import ensure_writable, write_text_atomic, writing
@@ -151,7 +152,7 @@ def evaluate(
     prepared: Annotated[Path, typer.Option(help="Folder written by `gedistill prepare`.")] = Path("data/prepared"),
     baseline: Annotated[Path, typer.Option(help="Baseline student checkpoint.")] = Path("data/students/baseline"),
     distilled: Annotated[Path, typer.Option(help="Distilled student checkpoint.")] = Path("data/students/distilled"),
-    teacher_cache: Annotated[list[Path] | None, typer.Option(help="Teacher store(s) the student was distilled from, for the teacher-quality report.")] = None,
+    teacher_cache: Annotated[list[str] | None, typer.Option(help="Teacher store(s) the student was distilled from, for the teacher-quality report: directories or URIs (s3://bucket/prefix, file:///abs/dir).")] = None,
     metrics: Annotated[Path, typer.Option(help="The full report (JSON): every metric, bootstrap details, teacher quality.")] = Path("data/metrics/evaluate.json"),
     summary: Annotated[Path | None, typer.Option(help="Also write the headline (test NDCG@10 of both students, "
                                                       "difference, CI, verdict, teacher vs random) here: the "
@@ -170,7 +171,7 @@ def evaluate(
     ensure_writable(metrics.parent, plots, *([summary.parent] if summary is not None else []))
     split_key = "test_masked" if masked else "test"
     # A bad store is refused now, not after minutes of comparing the students.
-    infos = open_teacher_stores(list(teacher_cache), data) if teacher_cache else []
+    infos = open_teacher_stores([materialize_store(s) for s in teacher_cache], data) if teacher_cache else []
     names = ("baseline", "distilled")
     (mb, meta_b), (md, meta_d) = _load(baseline, data), _load(distilled, data)
     models = {"baseline": mb, "distilled": md}

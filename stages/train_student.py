@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.store.remote import materialize_store
 from pipeline.student.checkpoint import invalidate, save_student
 from pipeline.student.distill import DistillConfig, DistillObjective, init_from_baseline, open_teacher_store
 from pipeline.errors import UsageError
@@ -94,7 +95,7 @@ def student_train(
     out: Annotated[Path | None, typer.Option(help="Checkpoint folder. Default: data/students/<run-name>.")] = None,
     run_name: Annotated[str | None, typer.Option(help="Names the run's files. Default: 'baseline', or 'distilled' with --teacher-cache.")] = None,
     metrics: Annotated[Path | None, typer.Option(help="Metrics JSON for DVC. Default: data/metrics/<run-name>.json.")] = None,
-    teacher_cache: Annotated[list[Path] | None, typer.Option(help="Teacher store written by `gedistill teacher-dump`; repeat to train on several stores together; omit for the baseline.")] = None,
+    teacher_cache: Annotated[list[str] | None, typer.Option(help="Teacher store written by `gedistill teacher-dump`: a directory, or its URI (s3://bucket/prefix, file:///abs/dir: downloaded into $GEDISTILL_CACHE/remote, sha256 checked); repeat to train on several stores together; omit for the baseline.")] = None,
     candidates: Annotated[list[Path] | None, typer.Option(help="Candidates file each store was made from (same order), checked by fingerprint. Not given: no candidates check (the rows carry their own candidates; the prepared data is always checked).")] = None,
     w_rec: Annotated[float, typer.Option(min=0.0, help="Weight of the next-item loss; 0 with a teacher = the source method (L_rank + lambda L_emb).")] = 1.0,
     w_rank: Annotated[float, typer.Option(min=0.0, help="Weight of the ListNet loss on the teacher's K candidates.")] = DistillConfig.w_rank,
@@ -180,7 +181,7 @@ def student_train(
                              init=init, seed=seed)  # type: ignore[arg-type]
         # No --candidates: no check against a file the user did not name (a default path in the
         # working directory may belong to another project or an older retrieval).
-        stores = [open_teacher_store(st, data, c) for st, c in zip(stores_in, cands_in or [None] * len(stores_in))]
+        stores = [open_teacher_store(materialize_store(st), data, c) for st, c in zip(stores_in, cands_in or [None] * len(stores_in))]
         shapes = {(st.hidden_size, st.k) for st in stores}
         if len(shapes) > 1:
             raise UsageError(f"the teacher stores differ in (h_dec width, K): {sorted(shapes)}; train on stores of one teacher and K")
