@@ -77,4 +77,4 @@ mutate: setup $(MUTATE_STAMP)
 	$(BIN)/python benchmarks/mutation_score.py --source $(MUTATE_SOURCE) --max-children $(MUTATE_CHILDREN) $(MUTATE_MODULES)
 
 clean-data:
-	rm -rf data/prepared data/students data/candidates data/teacher data/metrics data/plots
+	rm -rf data/prepared data/students data/candidates data/teacher data/teacher.partial data/metrics data/plots tuned/data

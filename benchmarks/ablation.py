@@ -11,8 +11,8 @@ Each variant is compared with the baseline by `gedistill evaluate` (paired boots
 test users). The variant chosen is the one with the best *validation* NDCG@10 (the student's own
 early-stopping metric); its test numbers are reported as they come out, the others beside it.
 
-    python benchmarks/ablation.py --workdir . --store data/teacher-tuned \
-        --both data/students/distilled-tuned --out data/ablation-tuned
+    python benchmarks/ablation.py --workdir . --store tuned/data/teacher \
+        --both tuned/data/students/distilled --out tuned/data/ablation
 
 Runs the installed `gedistill` (what users run), one variant after another.
 """
@@ -49,7 +49,7 @@ def train_cmd(p: dict, store: str, out: Path, name: str, overrides: dict) -> lis
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("."))
-    ap.add_argument("--store", default="data/teacher-tuned")
+    ap.add_argument("--store", default="tuned/data/teacher")
     ap.add_argument("--both", type=Path, default=None, help="existing checkpoint trained with params.yaml's weights")
     ap.add_argument("--both-metrics", type=Path, default=None, help="its student metrics JSON")
     ap.add_argument("--out", type=Path, default=Path("data/ablation"))
