@@ -72,8 +72,13 @@ class _TeacherActor:
 
     def __init__(self, opts: TeacherOptions, cfg: DumpConfig, inputs: DumpInputs) -> None:
         self.inputs, self.error, self.plan, self.facts = inputs, None, None, None
+        self.cpus: list[int] | None = None
         _quiet_loading()
         try:
+            if _vllm_on_cpu(opts.backend):
+                # vLLM binds its worker's OpenMP threads to the first --threads CPUs this process may use:
+                # every actor of a node would bind the same ones. Each claims CPUs of its own first.
+                self.cpus, self._cpu_locks = claim_cpus(max(1, opts.threads))
             self.backend, self.facts, resolved = load_backend(opts, inputs.k)
             self.cfg = replace(cfg, backend=resolved)
             self.plan = plan_dump(self.cfg, inputs, self.backend, self.facts)
@@ -81,7 +86,10 @@ class _TeacherActor:
             self.error = (type(e).__name__, str(e), isinstance(e, UsageError))
 
     def describe(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "host": socket.gethostname(), "error": self.error, "plan": self.plan}
+        env = getattr(getattr(self, "backend", None), "environment", None) or {}
+        return {"pid": os.getpid(), "host": socket.gethostname(), "error": self.error, "plan": self.plan,
+                "backend": getattr(getattr(self, "cfg", None), "backend", None), "cpus": self.cpus,
+                "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"), "env": dict(env)}
 
     def compute(self, index: int) -> tuple[ShardResult, dict[str, float]]:
         if self.plan is None:
@@ -93,6 +101,55 @@ class _TeacherActor:
     def close(self) -> None:
         if hasattr(getattr(self, "backend", None), "close"):
             self.backend.close()
+
+
+def _vllm_on_cpu(backend: str) -> bool:
+    """vLLM's CPU worker in this actor (`auto` is HF on a CPU)."""
+    if backend != "vllm":
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def claim_cpus(n: int, lock_dir: Path | None = None) -> tuple[list[int], list[Any]]:
+    """Pin this process to `n` CPUs no other gedistill actor on this node holds, and return them with
+    their lock files (kept open: a lock is released when its process exits, so a restarted actor
+    claims again). Ray reserves CPUs by count only and pins nothing; vLLM on a CPU binds its threads
+    to the first CPUs of the process's affinity, so without this two actors share the same CPUs.
+    When fewer than `n` are free (more actors than CPUs, or other runs), the first `n` are used."""
+    import fcntl
+
+    cpus = sorted(os.sched_getaffinity(0))
+    lock_dir = lock_dir or Path(os.environ.get("TMPDIR", "/tmp")) / "gedistill-ray-cpus"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    mine, locks = [], []
+    for c in cpus:
+        if len(mine) == n:
+            break
+        f = open(lock_dir / f"cpu-{c}.lock", "w")  # noqa: SIM115 - held open for the actor's life
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            continue
+        mine.append(c)
+        locks.append(f)
+    if len(mine) < n:
+        for f in locks:
+            f.close()
+        log.warning("no %d free CPU(s) among %s on this node: binding the first ones, shared", n, cpus)
+        mine, locks = cpus[:n], []
+    os.sched_setaffinity(0, mine)
+    return mine, locks
+
+
+def forwarded_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The driver's VLLM_* settings (e.g. VLLM_CPU_KVCACHE_SPACE), for every actor: on a cluster given by
+    address the actors inherit the environment of `ray start`, not the driver's. CUDA_VISIBLE_DEVICES is
+    never forwarded (Ray sets it per actor, from num_gpus), nor the CPU binding (vLLM's per actor)."""
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in environ.items() if k.startswith("VLLM_") and k != "VLLM_CPU_OMP_THREADS_BIND"}
 
 
 def _quiet_loading() -> None:
@@ -202,10 +259,12 @@ def run_ray_dump(cfg: DumpConfig, inputs: DumpInputs, opts: TeacherOptions, out:
             float(opts.tensor_parallel_size) if has_gpus else 0.0)
         n_shards = math.ceil(inputs.samples.height / cfg.shard_rows)
         n_actors = _pool_size(ray, ropts, gpus, n_shards)
+        if opts.backend == "vllm" and 0 < gpus < opts.tensor_parallel_size:
+            raise UsageError(f"--tensor-parallel-size {opts.tensor_parallel_size} needs as many GPUs per actor; "
+                             f"--ray-gpus-per-actor is {gpus:g}: raise it or drop it (the default is the TP size)")
         teacher_opts = replace(opts, threads=ropts.threads)
         remote = ray.remote(_TeacherActor)
-        actor_options = {"num_cpus": ropts.threads, "num_gpus": gpus, "max_restarts": ropts.max_restarts,
-                         "max_task_retries": ropts.max_restarts, "max_concurrency": 1}
+        actor_options = actor_options_for(ropts, gpus)
         inputs_ref = ray.put(inputs)
         run_id = f"{os.getpid()}-{time.time_ns()}"
         t1 = time.perf_counter()
@@ -221,6 +280,10 @@ def run_ray_dump(cfg: DumpConfig, inputs: DumpInputs, opts: TeacherOptions, out:
                 if usage:
                     raise UsageError(msg)
                 raise RuntimeError(f"an actor on {d['host']} could not load the teacher: {name}: {msg}")
+        for i, d in enumerate(descs):
+            log.info("actor %d on %s (pid %s): backend %s, CPUs %s, CUDA_VISIBLE_DEVICES %s%s", i, d["host"], d["pid"],
+                     d["backend"], d["cpus"] or "unpinned", d["gpus"] if d["gpus"] is not None else "unset",
+                     "".join(f", {k}={v}" for k, v in sorted(d["env"].items()) if k.startswith("VLLM_CPU")))
         plan = descs[0]["plan"]
         for d in descs[1:]:
             if d["plan"].spec.fingerprint != plan.spec.fingerprint:
@@ -239,6 +302,18 @@ def run_ray_dump(cfg: DumpConfig, inputs: DumpInputs, opts: TeacherOptions, out:
             ray.kill(a)
         if started:
             ray.shutdown()
+
+
+def actor_options_for(ropts: RayOptions, gpus: float) -> dict[str, Any]:
+    """Ray options of every teacher actor: CPUs and GPUs reserved (Ray sets the actor's
+    CUDA_VISIBLE_DEVICES to the GPUs it assigns, which vLLM's engine inside then uses), restarts, and
+    the driver's VLLM_* settings."""
+    opts: dict[str, Any] = {"num_cpus": ropts.threads, "num_gpus": gpus, "max_restarts": ropts.max_restarts,
+                            "max_task_retries": ropts.max_restarts, "max_concurrency": 1}
+    env = forwarded_env()
+    if env:
+        opts["runtime_env"] = {"env_vars": env}
+    return opts
 
 
 def _dispatch(ray: Any, plan: Any, actors: list[Any], descs: list[dict], out: Path | str, cfg: DumpConfig,
