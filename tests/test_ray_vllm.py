@@ -180,7 +180,7 @@ def test_fewer_gpus_per_actor_than_tensor_parallel_size_is_refused(monkeypatch):
 def test_actor_reports_the_gpus_ray_assigned(monkeypatch):
     """Fails if an actor does not report the CUDA_VISIBLE_DEVICES it runs with (the driver logs it per
     actor, so a user sees which GPUs each vLLM engine got) or if loading the teacher changes it. Seen
-    failing with describe() reading the driver-side option instead of the actor's environment."""
+    failing with describe() reporting None instead of the actor's CUDA_VISIBLE_DEVICES."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     backend = SimpleNamespace(environment={"VLLM_CPU_KVCACHE_SPACE": "2"})
     monkeypatch.setattr(ray_dump, "load_backend", lambda opts, k: (backend, {}, "vllm"))
