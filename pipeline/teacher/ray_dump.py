@@ -122,12 +122,15 @@ def claim_cpus(n: int, lock_dir: Path | None = None) -> tuple[list[int], list[An
 
     cpus = sorted(os.sched_getaffinity(0))
     lock_dir = lock_dir or Path(os.environ.get("TMPDIR", "/tmp")) / "gedistill-ray-cpus"
-    lock_dir.mkdir(parents=True, exist_ok=True)
     mine, locks = [], []
     for c in cpus:
         if len(mine) == n:
             break
-        f = open(lock_dir / f"cpu-{c}.lock", "w")  # noqa: SIM115 - held open for the actor's life
+        try:  # an unwritable lock directory (another user's) leaves the CPU unclaimed, never fails the actor
+            lock_dir.mkdir(parents=True, exist_ok=True)
+            f = open(lock_dir / f"cpu-{c}.lock", "w")  # noqa: SIM115 - held open for the actor's life
+        except OSError:
+            continue
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
