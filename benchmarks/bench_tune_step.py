@@ -18,6 +18,7 @@ matmuls and the weight gradients of the adapters are not counted (a lower bound 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -61,7 +62,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.teacher.convert import resolve_teacher
-    from pipeline.teacher.dtype_choice import choose_dtype
+    from pipeline.teacher.dtype_choice import choose_dtype, cpu_info
     from pipeline.teacher.dump import load_inputs
     from pipeline.teacher.tune import TuneConfig, TuneExample, apply_method, score_examples, train
 
@@ -96,8 +97,6 @@ def main() -> None:
     # the same forward with the weights themselves in bf16 (no autocast): what the frozen layers could run as
     native_s = None
     if bf16 is not None:
-        import copy
-
         native = copy.deepcopy(model).to(torch.bfloat16)
         score_examples(native, warm, ident, pad_id, a.batch_size)
         t = time.perf_counter()
@@ -108,8 +107,6 @@ def main() -> None:
     # the residual stream, norms and embeddings stay float32 as under autocast: should be bit-identical
     precast_s = precast_same = None
     if bf16 is not None:
-        import copy
-
         pre = copy.deepcopy(model)
         head = pre.get_output_embeddings()
         for m in pre.modules():
@@ -139,7 +136,7 @@ def main() -> None:
     train_sps = len(timed) / steady_s
     res = {
         "command": "bench_tune_step.py " + " ".join(sys.argv[1:]),
-        "cpu": next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?"),
+        "cpu": cpu_info()[0],
         "threads": a.threads, "dtype": choice.name, "samples": len(timed), "batch_size": a.batch_size,
         "mean_prompt_tokens": float(np.mean(lengths)), "top_layers": a.top_layers, "lora_r": a.lora_r,
         "trainable_params": int(sum(p.numel() for p in wrapped.parameters() if p.requires_grad)),

@@ -1,6 +1,6 @@
 """`gedistill cache info|verify|merge|card`: inspect, check and assemble teacher stores (no LLM imports).
 
-info, verify and card take a directory or a pyarrow.fs URI (s3://bucket/prefix, file:///abs/dir; store_remote):
+info, verify and card take a directory or a pyarrow.fs URI (s3://bucket/prefix, file:///abs/dir; store.remote):
 info reads the remote manifest and the two columns it summarizes in place; verify and card check a fresh local
 copy (every object downloaded again, its sha256 checked), so every local check applies to the remote store."""
 

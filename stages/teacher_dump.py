@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from pipeline.errors import UsageError
-from pipeline.store.remote import Remote, display, is_uri
+from pipeline.store.remote import Remote, check_target, is_uri
 from pipeline.teacher.dump import (HF_BATCH_SIZE, Backend, DumpConfig, DumpInputs, DumpReport,  # noqa: F401
                                    TeacherOptions, load_backend, load_inputs, run_dump)
 from stages.outputs import ensure_writable
@@ -134,18 +134,13 @@ def teacher_dump(
 def _check_out(out: str, staging: Path | None, num_workers: int) -> None:
     """A bad --out (unwritable folder; a URI pyarrow cannot open, a missing bucket, bad credentials) is refused
     before the teacher loads."""
+    check_target(out, staging, num_workers)
     if not is_uri(out):
-        if staging is not None:
-            raise UsageError("--staging applies to an --out at a URI (s3://..., file:///...); a local --out is "
-                             "written in place: drop --staging")
         ensure_writable(Path(out))
         return
-    if num_workers != 1:
-        raise UsageError(f"--num-workers needs one store directory every worker can lock; {display(out)} is a URI, "
-                         "which has no locks. Use --ray (one driver writes every shard), or write the workers' "
-                         "stores to local directories and `gedistill cache merge` them")
-    Remote(out).check_writable()
-    ensure_writable(staging or Remote(out).local_dir())
+    remote = Remote(out)
+    remote.check_writable()
+    ensure_writable(staging or remote.local_dir())
 
 
 def _check_ray_options(ray: bool, address: str | None, num_workers: int, worker_index: int, *ray_only) -> None:

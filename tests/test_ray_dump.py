@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.ray_helpers import start_local_ray
 from tests.teacher_fixtures import make_inputs
 
 pytestmark = [pytest.mark.teacher, pytest.mark.slow]
@@ -60,19 +61,7 @@ def world(inputs):
 
 @pytest.fixture(scope="module")
 def cluster():
-    # On a 2-core machine at a load average above ~15 Ray's raylet can abort at start (its dashboard agent,
-    # a Python process, misses the raylet's wait; Ray then raises a bare Exception): one more try.
-    # A failed start's processes end with this process (Ray's fate sharing).
-    for attempt in (1, 2):
-        try:
-            ctx = ray.init(num_cpus=2, include_dashboard=False, namespace="gedistill-tests", logging_level="WARNING")
-            break
-        except Exception:
-            ray.shutdown()
-            if attempt == 2:
-                raise
-            time.sleep(10)
-    yield ctx.address_info["gcs_address"]
+    yield start_local_ray().address_info["gcs_address"]
     ray.shutdown()
 
 

@@ -17,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,6 +25,7 @@ import pytest
 from pipeline.errors import UsageError
 from pipeline.teacher import ray_dump
 from pipeline.teacher.dump import DumpConfig, TeacherOptions
+from tests.ray_helpers import start_local_ray
 from tests.teacher_fixtures import make_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,16 +73,7 @@ def test_ray_vllm_store_is_the_single_process_vllm_store(tmp_path):
     # a cluster started here, joined by address: the raylet has this process's environment, not the driver's
     saved = os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
     try:
-        for attempt in (1, 2):  # a raylet can miss its start window on a loaded 2-core machine (test_ray_dump.py)
-            try:
-                ctx = ray.init(num_cpus=2, include_dashboard=False, namespace="gedistill-tests", logging_level="WARNING")
-                break
-            except Exception:
-                ray.shutdown()
-                if attempt == 2:
-                    raise
-                time.sleep(10)
-        address = ctx.address_info["gcs_address"]
+        address = start_local_ray().address_info["gcs_address"]
         r = gedistill("teacher-dump", *io, "--out", str(tmp_path / "ray"), *SETTINGS, "--ray", address,
                       "--ray-actors", "1", env={"VLLM_CPU_KVCACHE_SPACE": "1"})
     finally:

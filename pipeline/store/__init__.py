@@ -1,9 +1,9 @@
 """The teacher store: Parquet shards + manifest.json, written by stage one and read by stage two.
 
-The format (layout, schema, fingerprint) is in store_format; this module writes a store (resumable,
-crash-safe: temporary file, fsync, rename; locked against a second writer, see store_lock) and opens
-one for reading (store_read: verified first, see store_check). The names of store_format and
-store_read are re-exported here. A complete store also carries a dataset card (`README.md`, store_card)
+The format (layout, schema, fingerprint) is in store.format; this module writes a store (resumable,
+crash-safe: temporary file, fsync, rename; locked against a second writer, see store.lock) and opens
+one for reading (store.read: verified first, see store.check). The names of store.format and
+store.read are re-exported here. A complete store also carries a dataset card (`README.md`, store.card)
 for readers without gedistill (`datasets.load_dataset(dir)`).
 
 This module is imported by stage two: it must never import torch-for-LLMs, transformers or vllm.
@@ -32,6 +32,7 @@ from pipeline.store.read import StoreInfo, iter_batches, open_store  # noqa: F40
 
 log = logging.getLogger(__name__)
 
+
 def _fsync(path: Path) -> None:
     """Data on disk before the rename that publishes it: a power loss then leaves no torn file."""
     fd = os.open(path, os.O_RDONLY)
@@ -53,7 +54,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
     fault_point("after-manifest")
 
 
-
 def mismatch(stored: dict[str, Any] | None, spec: StoreSpec) -> str | None:
     """What differs between a stored store's settings (its manifest or a shard's metadata) and this run's;
     None when there is nothing stored or it is the same store."""
@@ -72,7 +72,7 @@ def mismatch_message(where: Any, what: str) -> str:
 
 class StoreWriter:
     """Writes one store directory; resumable (complete shards are kept), idempotent, and safe against a
-    second writer (store_lock: a second run on the same shards is refused; workers share a directory)."""
+    second writer (store.lock: a second run on the same shards is refused; workers share a directory)."""
 
     def __init__(self, root: Path, spec: StoreSpec, replace_mismatched: bool = False) -> None:
         """replace_mismatched: a store made with other settings is deleted (with a warning naming the
@@ -260,22 +260,22 @@ class StoreWriter:
             }
             if manifest["complete"]:
                 # Before the manifest that says `complete`: a kill in between leaves an incomplete manifest,
-                # and the rerun that completes it writes the card again (store_card; no dates: same bytes).
+                # and the rerun that completes it writes the card again (store.card; no dates: same bytes).
                 write_dataset_card(self.root, manifest)
             _atomic_write_text(self.root / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False))
             self._published(manifest)
         return manifest
 
     def _entries(self, listed: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-        """The manifest's shard entries: every sound shard in the directory (store_remote: on the remote)."""
+        """The manifest's shard entries: every sound shard in the directory (store.remote: on the remote)."""
         return [e for i in range(self.spec.n_shards)
                 if (e := self._entry(i, listed.get(shard_name(i, self.spec.n_shards)))) is not None]
 
     def _published(self, manifest: dict[str, Any]) -> None:
-        """After the manifest is replaced, still under its lock: nothing for a local store (store_remote
+        """After the manifest is replaced, still under its lock: nothing for a local store (store.remote
         uploads the card and the manifest)."""
 
     @property
     def location(self) -> str:
-        """Where the store is, as the user named it (a directory here; a URI for store_remote)."""
+        """Where the store is, as the user named it (a directory here; a URI for store.remote)."""
         return str(self.root)

@@ -19,7 +19,7 @@ from pathlib import Path
 ENV = "GEDISTILL_FAULT"
 POINTS = ("before-shard-write", "mid-shard-write", "before-rename", "after-rename", "torn-shard",
           "mid-manifest-write", "before-manifest-rename", "torn-manifest", "after-manifest")
-# A store at a URI (store_remote): its uploads, after the local points of the staging copy. Kept apart from
+# A store at a URI (store.remote): its uploads, after the local points of the staging copy. Kept apart from
 # POINTS, which the local crash campaign iterates over (a local dump never reaches these).
 REMOTE_POINTS = ("before-shard-upload", "mid-shard-upload", "after-shard-upload", "before-manifest-upload",
                  "after-manifest-upload")

@@ -89,7 +89,7 @@ def claim_shards(root: Path, indices: Iterable[int], names: dict[int, str]) -> N
 
 def writer_pid(root: Path) -> int | None:
     """The pid of another process holding shards of this store (a live writer; 0 if its pid is unknown), or
-    None. Takes no lock: a reader syncing a local copy (store_remote) must not rewrite a writer's files."""
+    None. Takes no lock: a reader syncing a local copy (store.remote) must not rewrite a writer's files."""
     try:
         got = fcntl.fcntl(_fd(root), fcntl.F_GETLK, struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, SHARD_BYTE0, 0, 0))
     except OSError:

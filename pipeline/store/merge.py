@@ -1,10 +1,10 @@
 """`cache merge`: join the shards of W partial worker runs into one store, trusting nothing unchecked.
 
-Each source is verified first against its own manifest (store_check.verify_store, partial): a shard
+Each source is verified first against its own manifest (store.check.verify_store, partial): a shard
 corrupted after its worker finished, or one its worker never listed, refuses the merge instead of being
 hashed afresh into the new manifest. The new manifest takes each shard's sha256 from its source's
 manifest, after checking the copy against it. The merged store gets its dataset card (README.md,
-store_card) from the writer's final manifest write, as a single-process store does: the same bytes.
+store.card) from the writer's final manifest write, as a single-process store does: the same bytes.
 """
 
 from __future__ import annotations

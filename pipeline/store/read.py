@@ -48,7 +48,7 @@ class StoreInfo:
 
 def open_store(root: Path, checksums: bool = True, prepared: Any = None) -> StoreInfo:
     """Load the manifest of a complete store. checksums=True (what training and evaluation use): the whole
-    store is verified first, streaming (store_check.verify_store: manifest, schema, sha256, sample ids,
+    store is verified first, streaming (store.check.verify_store: manifest, schema, sha256, sample ids,
     rankings), and any problem refuses it, naming the file. prepared (a Prepared): also check that the
     store was made from it, row by row."""
     root = Path(root)

@@ -127,7 +127,7 @@ class Remote:
             raise self._io(f"read {name}", e) from None
 
     def read_manifest(self) -> dict[str, Any]:
-        """The remote manifest, or {} when it is missing or unreadable (as store_format.read_manifest_file)."""
+        """The remote manifest, or {} when it is missing or unreadable (as store.format.read_manifest_file)."""
         raw = self.read_bytes(MANIFEST)
         if raw is None:
             return {}
@@ -274,10 +274,7 @@ class RemoteWriter(StoreWriter):
         return {s.get("name"): s for s in self._manifest.get("shards", []) if isinstance(s, dict)}
 
     def pending(self, num_workers: int = 1, worker_index: int = 0) -> list[int]:
-        if num_workers != 1:
-            raise UsageError(f"{self.remote.name}: --num-workers needs one store directory that every worker can "
-                             "lock; a URI has no locks. Use --ray (one driver writes every shard), or write the "
-                             "workers' stores to local directories and `gedistill cache merge` them")
+        check_target(self.remote.uri, num_workers=num_workers)
         indices = list(range(self.spec.n_shards))
         self.claim(indices)
         listed, todo = self._listed(), []
@@ -344,14 +341,25 @@ class RemoteWriter(StoreWriter):
         fault_point("after-manifest-upload")
 
 
+def check_target(out: str | Path, staging: Path | None = None, num_workers: int = 1) -> None:
+    """Options that cannot go with this --out: --staging with a local directory, --num-workers with a URI
+    (teacher-dump checks them before the teacher loads; the writer checks them again for library callers)."""
+    if not is_uri(out):
+        if staging is not None:
+            raise UsageError("--staging applies to an --out at a URI (s3://..., file:///...); a local --out is "
+                             "written in place: drop --staging")
+    elif num_workers != 1:
+        raise UsageError(f"--num-workers needs one store directory every worker can lock; {display(str(out))} is a "
+                         "URI, which has no locks. Use --ray (one driver writes every shard), or write the workers' "
+                         "stores to local directories and `gedistill cache merge` them")
+
+
 def open_writer(out: str | Path, spec: StoreSpec, replace_mismatched: bool = False,
                 staging: Path | None = None) -> StoreWriter:
     """The writer of a store at `out`: a local directory, or a URI (RemoteWriter, staged in `staging`)."""
+    check_target(out, staging)
     if is_uri(out):
         return RemoteWriter(str(out), spec, replace_mismatched, staging)
-    if staging is not None:
-        raise UsageError("--staging applies to a store at a URI (s3://..., file:///...); a local --out is written "
-                         "in place: drop --staging")
     return StoreWriter(Path(out), spec, replace_mismatched)
 
 
@@ -361,7 +369,7 @@ def materialize_store(location: str | Path, recheck: bool = False, cache: Path |
     machine), every shard's sha256 checked against the remote manifest on the way. A local copy whose
     size and sha256 already match is reused, unless `recheck` (`cache verify`: the remote's bytes are read
     again). A shard whose download differs from the manifest is kept as downloaded and logged: the local
-    checks (store_check.verify_store, open_store) then refuse the store naming that shard."""
+    checks (store.check.verify_store, open_store) then refuse the store naming that shard."""
     if not is_uri(location):
         return Path(location)
     remote = Remote(str(location))

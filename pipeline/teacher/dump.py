@@ -286,7 +286,7 @@ def finish_dump(writer: StoreWriter, plan: DumpPlan, pending: list[int], mine: i
 
 def run_dump(cfg: DumpConfig, inputs: DumpInputs, backend: Backend, teacher: dict[str, Any], out: Path | str,
              progress: Callable[[int, int], None] | None = None) -> DumpReport:
-    """Fill `out` (a directory, or a pyarrow.fs URI: store_remote) with this worker's missing shards;
+    """Fill `out` (a directory, or a pyarrow.fs URI: store.remote) with this worker's missing shards;
     `progress(done, total)` after every batch.
 
     Worker i of W computes shards i, i+W, ... (StoreWriter.pending, the one shard assignment); a Ray run

@@ -7,7 +7,7 @@
   (`StoreWriter.pending(1, 0)` claims every shard and returns those not yet complete) and hands those
   shards to whichever actor is free. The driver writes each returned shard through the store's writer
   (temporary file, fsync, rename, manifest under its lock), so only the driver needs to reach the
-  store path (a directory or a pyarrow.fs URI such as s3://: store_remote), and the shards, names, row order, manifest and fingerprint are those of a
+  store path (a directory or a pyarrow.fs URI such as s3://: store.remote), and the shards, names, row order, manifest and fingerprint are those of a
   single-process run with the same settings, byte for byte where the compute is the same (same
   dtype and threads per process): a shard's batches are formed within the shard, whoever runs it.
 - Faults: actors are created with `max_restarts` and `max_task_retries`, so an actor killed mid-shard
