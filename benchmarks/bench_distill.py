@@ -24,6 +24,11 @@ random candidates holding the target, a random ranking and scores, random h_dec 
    training its own model from the same seed, losses compared bit for bit. `fit`: the real loop, `--epochs`
    epochs per fresh process, before and after alternating, `--rounds` rounds; histories compared.
    `breakdown --variant before|after`: where a distilled step's time goes.
+4. `--parts concurrent --store DIR`: the real loop, `--epochs` epochs per fresh process, `--rounds` rounds of
+   three: the baseline on 1 thread, the distilled student on 1 thread, and the distilled student with its teacher
+   branch in a second thread (`fit(concurrent=True)`, what `student-train --threads 2` does: one torch thread per
+   branch). Median seconds per epoch (validation excluded), process CPU seconds per epoch, and whether the two
+   distilled histories are identical (they must be).
 
 Each child sets torch threads; the parent records the machine's load average around each child
 (DESIGN.md point 11: on a shared 2-core machine, threads fight). Results go to
@@ -148,8 +153,11 @@ def child_epochs(a: argparse.Namespace) -> dict:
         info = open_teacher_store(a.store, data)
         dcfg = DistillConfig(teacher_batch_size=a.teacher_batch_size, emb_loss="cosine")
         objective = DistillObjective(dcfg, data, list(info.shard_paths), mcfg.hidden, mcfg.max_len)
-    result = fit(model, data, tcfg, objective=objective, show_progress=False)
-    return {"side": a.child, "variant": a.variant, "epoch_s": [float(r["train_seconds"]) for r in result.history],
+    cpu0 = time.process_time()
+    result = fit(model, data, tcfg, objective=objective, show_progress=False, concurrent=a.concurrent)
+    cpu_s = time.process_time() - cpu0
+    return {"side": a.child, "variant": a.variant, "concurrent": a.concurrent, "cpu_s_per_epoch": cpu_s / len(result.history),
+            "epoch_s": [float(r["train_seconds"]) for r in result.history],
             "history": [{k: v for k, v in r.items() if k != "train_seconds"} for r in result.history],
             "teacher_batch_size": a.teacher_batch_size if objective else None,
             "peak_rss_mib": _peak_rss_mib(), "threads": torch.get_num_threads()}
@@ -442,6 +450,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40, help="interleaved steps per side (part 'steps')")
     ap.add_argument("--variant", choices=["before", "after"], default="after",
                     help="the student code before issue 10's speed changes, or as it is (parts epochs, breakdown)")
+    ap.add_argument("--concurrent", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=["baseline", "distilled", "memory", "steps", "breakdown", "stream", "variants"],
                     help=argparse.SUPPRESS)
     ap.add_argument("--store", type=Path, help="an existing teacher store (e.g. a default run's data/teacher) for the "
@@ -513,6 +522,27 @@ def main() -> None:
                 "histories_identical": {s: all(d["history"] == fits[f"before/{s}"][0]["history"]
                                                for v in ("before", "after") for d in fits[f"{v}/{s}"])
                                         for s in ("baseline", "distilled")}}
+        if "concurrent" in a.parts:  # the real loop: baseline, distilled, distilled with the branch in a second thread
+            store = real or work / "timing"
+            if not store.exists():
+                res["timing_store"] = write_synthetic_store(store, a.prepared, last_m=a.last_m, repeat=1, width=a.width)
+            base = ["--prepared", str(a.prepared), "--threads", "1", "--seed", str(a.seed),
+                    "--teacher-batch-size", str(a.teacher_batch_size), "--variant", a.variant]
+            sides = {"baseline": ["--child", "baseline"], "distilled": ["--child", "distilled"],
+                     "distilled_concurrent": ["--child", "distilled", "--concurrent"]}
+            conc: dict[str, list] = {k: [] for k in sides}
+            for r in range(a.rounds):
+                for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+                    print(f"[bench] {name} round {r}, load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
+                    conc[name].append(run_child([*sides[name], "--store", str(store), "--epochs", str(a.epochs), *base], 1))
+            med = {k: statistics.median([t for d in v for t in d["epoch_s"]]) for k, v in conc.items()}
+            cpu = {k: statistics.median([d["cpu_s_per_epoch"] for d in v]) for k, v in conc.items()}
+            res["concurrent"] = {
+                "runs": conc, "median_epoch_s": med, "median_cpu_s_per_epoch": cpu,
+                "ratio_over_baseline": {k: med[k] / med["baseline"] for k in ("distilled", "distilled_concurrent")},
+                "concurrent_over_sequential": med["distilled_concurrent"] / med["distilled"],
+                "distilled_histories_identical": all(d["history"] == conc["distilled"][0]["history"]
+                                                     for k in ("distilled", "distilled_concurrent") for d in conc[k])}
         if "stream" in a.parts:
             store = real or work / "timing"
             if not store.exists():
@@ -553,6 +583,12 @@ def main() -> None:
         print("before/after steps (median ms): " + ", ".join(f"{k} {x * 1000:.1f}" for k, x in v["median_step_s"].items())
               + f"; distilled/baseline {v['ratio_distilled_over_baseline']}; after/before {v['after_over_before']}; "
               f"losses bit-identical {v['losses_bit_identical']}")
+    if "concurrent" in res:
+        c = res["concurrent"]
+        print("epochs (median s): " + ", ".join(f"{k} {x:.2f}" for k, x in c["median_epoch_s"].items())
+              + "; CPU s per epoch: " + ", ".join(f"{k} {x:.2f}" for k, x in c["median_cpu_s_per_epoch"].items())
+              + f"; over baseline {c['ratio_over_baseline']}; concurrent/sequential {c['concurrent_over_sequential']:.3f}; "
+              f"distilled histories identical {c['distilled_histories_identical']}")
     if "fit" in res:
         f = res["fit"]
         print("fit epochs (median s): " + ", ".join(f"{k} {x:.2f}" for k, x in f["median_epoch_s"].items())

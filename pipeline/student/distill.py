@@ -9,6 +9,10 @@ draws one batch of `teacher_batch_size` teacher samples from an endless, shuffle
 store (teacher_stream.TeacherStream). Each sample's history is rebuilt from the prepared training
 sequence (train[:position], the last max_len items) and encoded by the same model, so the three
 losses share one optimizer step. The store is cycled as often as the step count needs.
+
+The teacher pass draws its dropout masks from a generator of its own (seeded by DistillConfig.seed), never
+from torch's default one, which the next-item pass uses: the two passes are independent computations, and
+train.fit runs them in two threads when the run has two threads or more (`own_rng`), with the same result.
 """
 
 from __future__ import annotations
@@ -89,6 +93,8 @@ class DistillConfig:
 class DistillObjective:
     """The extra objective the training loop adds each step: parameters(), loss(), end_epoch()."""
 
+    own_rng = True  # train.fit: loss() draws no random number from torch's default generator (see the module doc)
+
     def __init__(self, cfg: DistillConfig, prepared: Prepared, shards: list[Path], student_width: int, max_len: int):
         self.cfg, self.prepared, self.max_len = cfg, prepared, max_len
         self.teacher_width = teacher_width(shards)
@@ -104,6 +110,9 @@ class DistillObjective:
             shards, cfg.teacher_batch_size, buffer_rows=cfg.buffer_rows, seed=cfg.seed, skip_failed=cfg.skip_failed
         )
         self._batches = iter(self.stream)
+        # the teacher pass's dropout masks: a stream of their own, so that this objective may run in another
+        # thread than the next-item pass (train.fit) and give the same result either way
+        self.gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, 1]).generate_state(1)[0]))
         self._sums: dict[str, float] = defaultdict(float)
         self._steps = 0
 
@@ -155,7 +164,7 @@ class DistillObjective:
         ranks, q, conf = self.targets(b, device)
         h = torch.from_numpy(b.h_dec.astype(np.float32, copy=False)).to(device)  # [B, H]
 
-        u = model.user_embedding(seqs)  # [B, D]
+        u = model.user_embedding(seqs, gen=self.gen)  # [B, D]
         total = u.new_zeros(())
         logs: dict[str, float] = {}
         if cfg.w_rank > 0:

@@ -22,26 +22,35 @@ from torch import Tensor, nn
 FAST_TRAIN_OPS = True
 
 
-def dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """F.dropout(x, p, training), bit for bit (same mask, same generator state after) on a CPU, faster."""
+def dropout(x: Tensor, p: float, training: bool, gen: torch.Generator | None = None) -> Tensor:
+    """F.dropout(x, p, training), bit for bit (same mask, same generator state after) on a CPU, faster.
+
+    gen: draw the mask from this generator instead of torch's default one (the distillation's teacher pass,
+    which may run in another thread than the next-item pass: train.fit)."""
     if not training or p == 0.0:
         return x
     if not FAST_TRAIN_OPS or x.device.type != "cpu" or not 0.0 < p < 1.0:
-        return F.dropout(x, p, True)
+        if gen is None:
+            return F.dropout(x, p, True)
+        if p >= 1.0:
+            return x * 0.0
+        keep = 1.0 - p
+        return x * torch.empty_like(x).bernoulli_(keep, generator=gen).div_(keep)  # F.dropout's own ops
     keep = 1.0 - p
-    noise = (torch.rand(x.shape, dtype=torch.float64) < keep).to(x.dtype)  # = empty_like(x).bernoulli_(keep)
+    noise = (torch.rand(x.shape, dtype=torch.float64, generator=gen) < keep).to(x.dtype)  # = empty_like(x).bernoulli_(keep)
     noise.div_(keep)
     return x * noise
 
 
-def attention_train(q: Tensor, k: Tensor, v: Tensor, add_mask: Tensor, p: float) -> Tensor:
+def attention_train(q: Tensor, k: Tensor, v: Tensor, add_mask: Tensor, p: float,
+                    gen: torch.Generator | None = None) -> Tensor:
     """F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask, dropout_p=p) on a CPU in training, which runs
     the math path: the same ops in the same order. add_mask is 0 where allowed, -inf elsewhere; no row may be
     fully masked (SDPA's safe softmax would then give 0 where softmax gives NaN; encode() guarantees it)."""
     sf = math.sqrt(1.0 / math.sqrt(q.shape[-1]))
     a = torch.matmul(q * sf, k.transpose(-2, -1) * sf)
     a = torch.softmax(a + add_mask, dim=-1)
-    return torch.matmul(dropout(a, p, True), v)
+    return torch.matmul(dropout(a, p, True, gen), v)
 
 
 @dataclass(frozen=True)
@@ -68,10 +77,12 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
         self.drop = nn.Dropout(c.dropout)
 
-    def forward(self, x: Tensor, allowed: Tensor, last_only: bool = False, add_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, allowed: Tensor, last_only: bool = False, add_mask: Tensor | None = None,
+                gen: torch.Generator | None = None) -> Tensor:
         """x [B, L, D] -> [B, L, D], or [B, 1, D] for the last position only (queries cut, keys kept).
 
-        add_mask (training, FAST_TRAIN_OPS): `allowed` as an additive float mask, for attention_train."""
+        add_mask (training, FAST_TRAIN_OPS or gen): `allowed` as an additive float mask, for attention_train.
+        gen: the generator of every dropout mask (None: torch's default)."""
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
         if last_only:
@@ -79,12 +90,12 @@ class Block(nn.Module):
             add_mask = add_mask[:, :, -1:] if add_mask is not None else None
         p = self.attn_dropout if self.training else 0.0
         if add_mask is not None and p > 0.0:
-            a = attention_train(q, k, v, add_mask, p)
+            a = attention_train(q, k, v, add_mask, p, gen)
         else:
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)  # [B, h, L, D/h]
         p = self.drop.p
-        x = self.ln1(x + dropout(self.proj(a.transpose(1, 2).reshape(B, L, D)), p, self.training))
-        return self.ln2(x + dropout(self.ff(x), p, self.training))
+        x = self.ln1(x + dropout(self.proj(a.transpose(1, 2).reshape(B, L, D)), p, self.training, gen))
+        return self.ln2(x + dropout(self.ff(x), p, self.training, gen))
 
 
 class SASRec(nn.Module):
@@ -105,31 +116,33 @@ class SASRec(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def encode(self, seqs: Tensor, last_only: bool = False) -> Tensor:
+    def encode(self, seqs: Tensor, last_only: bool = False, gen: torch.Generator | None = None) -> Tensor:
         """seqs [B, L] left-padded item ids -> hidden states [B, L, D]; position t sees items <= t.
 
         last_only: the final block computes the last position only -> [B, 1, D] (same values, less work).
+        gen: the generator of every dropout mask in training (None: torch's default one).
         """
         B, L = seqs.shape
         if L > self.config.max_len:
             raise ValueError(f"sequence length {L} > max_len {self.config.max_len}; keep the last items")
         valid = seqs != 0
         pos = (valid.cumsum(1) - 1).clamp(min=0)  # 0 at the first real item, whatever the padding
-        x = dropout(self.ln(self.item_emb(seqs) + self.pos_emb(pos)), self.drop.p, self.training)
+        x = dropout(self.ln(self.item_emb(seqs) + self.pos_emb(pos)), self.drop.p, self.training, gen)
         causal = torch.ones(L, L, dtype=torch.bool, device=seqs.device).tril()
         allowed = causal & valid[:, None, :]  # [B, L, L]: query t attends to real keys <= t
         allowed = allowed | torch.eye(L, dtype=torch.bool, device=seqs.device)  # padded rows: avoid NaN
         allowed = allowed[:, None]  # [B, 1, L, L], broadcast over heads
         add_mask = None
-        if self.training and FAST_TRAIN_OPS and seqs.device.type == "cpu":  # SDPA's conversion, done once
+        # SDPA's conversion, done once; also whenever masks come from `gen` (SDPA cannot take a generator)
+        if self.training and (FAST_TRAIN_OPS or gen is not None) and seqs.device.type == "cpu":
             add_mask = torch.zeros(allowed.shape, dtype=x.dtype).masked_fill_(~allowed, float("-inf"))
         for i, blk in enumerate(self.blocks):
-            x = blk(x, allowed, last_only=last_only and i == len(self.blocks) - 1, add_mask=add_mask)
+            x = blk(x, allowed, last_only=last_only and i == len(self.blocks) - 1, add_mask=add_mask, gen=gen)
         return x
 
-    def user_embedding(self, seqs: Tensor) -> Tensor:
-        """u_sas [B, D]: the output at the last (most recent) position."""
-        return self.encode(seqs, last_only=True)[:, -1]
+    def user_embedding(self, seqs: Tensor, gen: torch.Generator | None = None) -> Tensor:
+        """u_sas [B, D]: the output at the last (most recent) position (gen: as in encode)."""
+        return self.encode(seqs, last_only=True, gen=gen)[:, -1]
 
     def score_all(self, u: Tensor) -> Tensor:
         """[B, D] -> [B, n_items + 1]; column 0 (padding) is -inf."""
