@@ -177,7 +177,11 @@ class HFTeacher:
         texts: list[str] = [""] * len(prompts)
         first = np.full(len(prompts), -1, dtype=np.int64)
         cut = np.zeros(len(prompts), dtype=bool)
-        for start in range(0, len(order), self.cfg.batch_size):
+        # The longest batch first: each later batch's tensors then fit in blocks the allocator freed before; in
+        # ascending order every batch needed slightly larger ones and the heap grew with the shard (peak RSS 4.0 GB
+        # for a 943-row shard against 1.0 GB for 32 rows; BENCHMARKS.md "Scaling curve"). The batches are the same
+        # (same rows, same padding), so are their results.
+        for start in reversed(range(0, len(order), self.cfg.batch_size)):
             idx = order[start:start + self.cfg.batch_size]
             h, s, gen = self._batch([prompts[i] for i in idx], ident_ids, mode, budget)
             h_out[idx], s_out[idx] = h, s
