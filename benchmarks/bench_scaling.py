@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 ROOT = Path(__file__).resolve().parents[1]
 EXE = str(Path(sys.executable).with_name("gedistill"))
 
@@ -86,9 +88,13 @@ def main() -> None:
             shutil.rmtree(store, ignore_errors=True)
             d = run(["teacher-dump", "--prepared", str(prep), "--candidates", str(cands), "--out", str(store),
                      "--limit", str(n), "--shard-rows", str(a.base), "--batch-size", str(a.batch_size), *th], a.threads)
-            d.update(factor=f, samples=n, samples_per_s=n / d["wall_s"])
+            tokens = sum(pq.read_table(x, columns=["prompt_tokens"]).column(0).to_numpy().sum()
+                         for x in sorted(store.glob("*.parquet")))
+            d.update(factor=f, samples=n, samples_per_s=n / d["wall_s"], prompt_tokens=int(tokens),
+                     prompt_tokens_per_s=tokens / d["wall_s"])
             res["teacher"].append(d)
             print(f"teacher-dump {f:2d}x ({n} samples): {d['wall_s']:.1f} s, {d['samples_per_s']:.3f} samples/s, "
+                  f"{d['prompt_tokens_per_s']:.0f} prompt tok/s, "
                   f"cpu {d['cpu_s']:.1f} s, peak RSS {d['peak_rss_mib']:.0f} MiB, "
                   f"load {d['load_before']:.1f}->{d['load_after']:.1f}", flush=True)
         if a.no_distill:
