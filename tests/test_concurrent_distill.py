@@ -31,15 +31,7 @@ from pipeline.student.sasrec import SASRec, SasrecConfig
 from pipeline.student.train import TrainConfig, fit
 from tests.distill_helpers import cluster_teacher_rows, cluster_world, write_teacher_store, write_world
 from tests.test_entrypoint import run_gedistill
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_and_restore_flag():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    sasrec.FAST_TRAIN_OPS = True
-    torch.set_num_threads(n)
+from tests.test_perf_distill_ops import _one_thread_and_restore_flag  # noqa: F401 (autouse: 1 thread, fast ops restored)
 
 
 @pytest.fixture(scope="module")
