@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.teacher.dtype_choice import choose_dtype
 from pipeline.teacher.head import identifier_scores, logit_transform, text_config
+from pipeline.teacher.heap import keep_heap
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,8 @@ class HFTeacher:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype_choice = choose_dtype(cfg.dtype, self.device)  # logs the choice and its reason
         self.dtype = self.dtype_choice.dtype
+        # On a CPU every batch allocates and frees the same few hundred MB: keep those pages (heap.py).
+        self.heap = keep_heap() if self.device.type == "cpu" else "not a CPU run"
         log.info("loading teacher %s in %s on %s", cfg.location, self.dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.location, trust_remote_code=cfg.trust_remote_code)
         self.model = AutoModelForCausalLM.from_pretrained(
