@@ -4,10 +4,10 @@ A CPU forward allocates and frees the same few hundred MB for every batch. With 
 blocks above a (dynamic, at most 32 MiB) threshold come from mmap and go back on free, and a free
 top of the heap above the trim threshold is returned too; the next batch then faults the same pages
 in again. Since a shard's batches run longest first (hf_backend.HFTeacher.run), each batch frees
-more than the next needs, and the dump ran at 0.82-0.87x the speed of the old shortest-first order
-(BENCHMARKS.md, "the teacher's batch order"). Raising both thresholds keeps those pages mapped:
-the memory stays at the first (largest) batch's peak, which longest-first made flat, and the pages
-are reused. Numerics are untouched: this only decides where the allocator gets its memory.
+more than the next needs: 12.0M minor page faults and 40 s of system time for 512 samples. Raising
+both thresholds keeps those pages mapped (0.13M faults, 1.4 s): 0.84x the time batch by batch, the
+same peak memory (the first, largest batch's), the same bits (BENCHMARKS.md, "teacher-dump: glibc's
+heap kept between batches"). Numerics are untouched: this only decides where malloc gets memory.
 
 Only on glibc (Linux); a process whose MALLOC_*_ / GLIBC_TUNABLES already set these keeps the user's
 choice; GEDISTILL_KEEP_HEAP=0 turns it off (for side-by-side runs).
