@@ -101,7 +101,9 @@ def main() -> None:
                    "user_s": sum(r["user_s"] for r in rows[n]), "sys_s": sum(r["sys_s"] for r in rows[n]),
                    "minor_faults": sum(r["minflt"] for r in rows[n]),
                    "samples_per_s": a.prompts / sum(r["wall_s"] for r in rows[n]), **tail[n]} for n in names}
-    out = {"command": " ".join([sys.executable, *sys.argv]), "cpu": _cpu(), "load_avg_before": load0,
+    from pipeline.teacher.dtype_choice import cpu_info
+
+    out = {"command": " ".join([sys.executable, *sys.argv]), "cpu": cpu_info()[0], "load_avg_before": load0,
            "load_avg_after": os.getloadavg(), "prompts": a.prompts, "batch_size": a.batch_size, "threads": a.threads,
            "dtype": head["kept"]["dtype"], "summary": summary,
            "kept_over_defaults_per_batch": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
@@ -110,13 +112,6 @@ def main() -> None:
     print(json.dumps({k: v for k, v in out.items() if k != "batches"}, indent=1))
     if a.json:
         a.json.write_text(json.dumps(out, indent=1) + "\n")
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 if __name__ == "__main__":

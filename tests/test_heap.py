@@ -26,14 +26,7 @@ import pytest
 from pipeline.teacher import heap
 
 
-def _glibc() -> bool:
-    try:
-        return bool(os.confstr("CS_GNU_LIBC_VERSION"))
-    except (ValueError, OSError, AttributeError):
-        return False
-
-
-needs_glibc = pytest.mark.skipif(not _glibc(), reason="glibc's malloc only")
+needs_glibc = pytest.mark.skipif(heap._glibc() is None, reason="glibc's malloc only")
 
 PROBE = """
 import os
