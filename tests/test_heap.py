@@ -13,6 +13,14 @@ What each catches (each was broken on purpose and seen failing):
 - GEDISTILL_KEEP_HEAP=0 ignored: `test_it_can_be_turned_off` fails;
 - HFTeacher on a CPU not calling it: `test_the_cpu_teacher_keeps_the_heap` fails (and the installed
   CLI's log line in test_entrypoint.py::test_teacher_dump_with_the_real_teacher).
+
+Memory flat across shards (the same module):
+- release_heap not trimming: `test_release_heap_hands_free_pages_back` fails;
+- HFTeacher.run not calling it after a shard: `test_the_cpu_teacher_releases_the_heap_after_each_run` fails;
+- bound_kernel_caches not setting the caps, or setting them after the first oneDNN kernel (e.g. after the
+  dtype probe or the model load): `test_the_teacher_bounds_its_kernel_caches` fails (the live heap grows
+  with every new padded width as with the libraries' 1024-entry defaults);
+- bound_kernel_caches overriding a user's setting: `test_kernel_caches_the_users_settings_win` fails.
 """
 
 from __future__ import annotations
@@ -38,6 +46,10 @@ before = rss()
 block = bytearray(256 << 20)  # zero-filled: every page touched
 del block
 print((rss() - before) >> 20)
+if os.environ.get("PROBE_RELEASE"):
+    from pipeline.teacher.heap import release_heap
+    released = release_heap()
+    print(f"{released:.0f} {(rss() - before) >> 20}")
 """
 
 
@@ -47,7 +59,7 @@ def retained_mib(**env: str) -> tuple[str, int]:
              and k != heap.ENV_OFF}
     r = subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env}, capture_output=True, text=True,
                        timeout=60, check=True)
-    why, mib = r.stdout.strip().splitlines()
+    why, mib = r.stdout.strip().splitlines()[:2]
     return why, int(mib)
 
 
@@ -92,3 +104,89 @@ def test_the_cpu_teacher_keeps_the_heap(monkeypatch):
     monkeypatch.setattr(hf_backend.torch.cuda, "is_available", lambda: False)
     teacher = hf_backend.HFTeacher(hf_backend.HFConfig(resolve_teacher("embedded").location, dtype="float32"))
     assert calls == [1] and teacher.heap == "kept (spy)"
+
+
+@needs_glibc
+def test_release_heap_hands_free_pages_back():
+    """The kept heap holds a freed 256 MiB block; release_heap (once per shard) hands it back."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"
+             and k != heap.ENV_OFF}
+    r = subprocess.run([sys.executable, "-c", PROBE], env={**clean, "PROBE_RELEASE": "1"}, capture_output=True,
+                       text=True, timeout=60, check=True)
+    why, kept, after = r.stdout.strip().splitlines()
+    assert why.startswith("kept between batches") and int(kept) >= 200
+    released, resident = (int(x) for x in after.split())
+    assert released >= 200, f"release_heap reported {released} MiB back"
+    assert resident < 50, f"{resident} MiB of the freed block still resident after release_heap"
+
+
+def test_release_heap_not_glibc(monkeypatch):
+    monkeypatch.setattr(heap, "_glibc", lambda: None)
+    assert heap.release_heap() is None
+
+
+def test_kernel_caches_the_users_settings_win(monkeypatch):
+    env = {k: v for k, v in os.environ.items() if "CACHE_CAPACITY" not in k}
+    monkeypatch.setattr(os, "environ", env)
+    assert heap.bound_kernel_caches().startswith("kernel caches bounded at 32")
+    assert env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == env["LRU_CACHE_CAPACITY"] == "32"
+    env = {"DNNL_PRIMITIVE_CACHE_CAPACITY": "7", "LRU_CACHE_CAPACITY": "9"}  # the older oneDNN name counts too
+    monkeypatch.setattr(os, "environ", env)
+    assert heap.bound_kernel_caches() == "kernel caches left as the environment sets them"
+    assert env == {"DNNL_PRIMITIVE_CACHE_CAPACITY": "7", "LRU_CACHE_CAPACITY": "9"}
+
+
+CACHE_PROBE = """
+import ctypes, sys, torch
+from pipeline.teacher.hf_backend import HFTeacher, HFConfig
+from pipeline.teacher.convert import resolve_teacher
+class MI2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MI2
+torch.cuda.is_available = lambda: False
+t = HFTeacher(HFConfig(resolve_teacher("embedded").location, dtype="bfloat16"))
+with torch.inference_mode():
+    t._batch([[100] * 40], [1, 2], "first-token", 0)
+    used = libc.mallinfo2().uordblks
+    for width in range(41, 41 + 32):  # 32 new padded widths, as a shard's batches have
+        t._batch([[100] * width] * 4, [1, 2], "first-token", 0)
+print((libc.mallinfo2().uordblks - used) / 2**20)
+"""
+
+
+@needs_glibc
+@pytest.mark.teacher
+def test_the_teacher_bounds_its_kernel_caches():
+    """The real teacher, bf16 on the CPU, fresh processes: the live heap's growth over 32 new batch shapes,
+    with the teacher's bounded caches against the libraries' defaults (1024 entries, set as a user would)."""
+    pytest.importorskip("transformers")
+    clean = {k: v for k, v in os.environ.items() if "CACHE_CAPACITY" not in k}
+
+    def growth(**env: str) -> float:
+        r = subprocess.run([sys.executable, "-c", CACHE_PROBE], env={**clean, **env}, capture_output=True,
+                           text=True, timeout=300, check=True)
+        return float(r.stdout.strip().splitlines()[-1])
+
+    bounded = growth()
+    default = growth(ONEDNN_PRIMITIVE_CACHE_CAPACITY="1024", LRU_CACHE_CAPACITY="1024")
+    assert default > 30, f"the defaults' caches grew the heap only {default:.1f} MiB: the probe measures nothing"
+    assert bounded < default / 2, f"bounded caches grew the heap {bounded:.1f} MiB, the defaults {default:.1f}"
+
+
+@pytest.mark.teacher
+def test_the_cpu_teacher_releases_the_heap_after_each_run(monkeypatch):
+    pytest.importorskip("transformers")
+    from pipeline.teacher import hf_backend
+    from pipeline.teacher.convert import resolve_teacher
+
+    monkeypatch.setattr(hf_backend.torch.cuda, "is_available", lambda: False)
+    teacher = hf_backend.HFTeacher(hf_backend.HFConfig(resolve_teacher("embedded").location, dtype="float32",
+                                                       batch_size=2))
+    calls = []
+    monkeypatch.setattr(hf_backend, "release_heap", lambda: calls.append(1))
+    teacher.run([[100] * 5, [100] * 7, [100] * 6], [1, 2])  # two batches, one run: released once, at the end
+    assert calls == [1]
+    teacher.run([[100] * 5], [1, 2])
+    assert calls == [1, 1]

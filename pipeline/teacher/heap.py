@@ -11,6 +11,16 @@ heap kept between batches"). Numerics are untouched: this only decides where mal
 
 Only on glibc (Linux); a process whose MALLOC_*_ / GLIBC_TUNABLES already set these keeps the user's
 choice; GEDISTILL_KEEP_HEAP=0 turns it off (for side-by-side runs).
+
+Two more things keep the dump's memory flat across shards (BENCHMARKS.md, "teacher-dump: memory flat
+across shards"):
+- bound_kernel_caches: oneDNN's primitive cache and ideep's LRU cache keep kernels per input shape, 1024
+  entries each by default, about 2.4 MB per new padded width. Every batch of a shard has a new width, so
+  the dump's live heap grew ~2.2 MB per batch until the caches were full (+0.5 GB from 1 to 4 shards of
+  943). A batch's layers share one shape, so a few entries are all a forward reuses; 32 bound them.
+- release_heap: the kept heap fragments across shards (each shard starts again with its widest batch,
+  and glibc's free chunks no longer fit it), so RSS grew ~100 MB per shard although the live heap did
+  not; malloc_trim(0) after each shard hands every free page back (one fault-in per shard, not per batch).
 """
 
 from __future__ import annotations
@@ -28,6 +38,9 @@ TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: trim only a free top of 2 Gi
 MMAP_THRESHOLD = 1 << 30  # blocks under 1 GiB come from the heap, so their pages are reused
 ENV_OFF = "GEDISTILL_KEEP_HEAP"
 _USER_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
+KERNEL_CACHE_CAPACITY = 32
+# read once, at the process's first oneDNN kernel; the older DNNL_ name counts as the user's choice too
+_CACHE_SETTINGS = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": ("DNNL_PRIMITIVE_CACHE_CAPACITY",), "LRU_CACHE_CAPACITY": ()}
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -57,3 +70,36 @@ def keep_heap() -> str:
         why = "kept between batches (glibc mmap threshold 1 GiB, trim threshold 2 GiB)"
     log.info("heap %s", why)
     return why
+
+
+def bound_kernel_caches() -> str:
+    """Cap oneDNN's and ideep's per-shape kernel caches at KERNEL_CACHE_CAPACITY entries, unless the
+    environment sets them. Takes effect only before the process's first oneDNN kernel (HFTeacher calls
+    it before loading the model); returns what was done (also logged)."""
+    chosen = []
+    for name, aliases in _CACHE_SETTINGS.items():
+        if not any(k in os.environ for k in (name, *aliases)):
+            os.environ[name] = str(KERNEL_CACHE_CAPACITY)
+            chosen.append(name)
+    why = (f"kernel caches bounded at {KERNEL_CACHE_CAPACITY} entries ({', '.join(chosen)})" if chosen
+           else "kernel caches left as the environment sets them")
+    log.info("%s", why)
+    return why
+
+
+def _resident_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def release_heap() -> float | None:
+    """malloc_trim(0): hand back every free page of glibc's heap, the middle included (glibc >= 2.8), not
+    only a free top. Called once per shard, so the next shard faults its working set in once. Returns the
+    MiB released, or None where this is not glibc."""
+    if (libc := _glibc()) is None:
+        return None
+    before = _resident_mib()
+    libc.malloc_trim(ctypes.c_size_t(0))
+    freed = before - _resident_mib()
+    log.debug("heap trimmed: %.0f MiB back to the OS", freed)
+    return freed

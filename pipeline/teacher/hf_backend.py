@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.teacher.dtype_choice import choose_dtype
 from pipeline.teacher.head import identifier_scores, logit_transform, text_config
-from pipeline.teacher.heap import keep_heap
+from pipeline.teacher.heap import bound_kernel_caches, keep_heap, release_heap
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,9 @@ class HFTeacher:
     def __init__(self, cfg: HFConfig) -> None:
         self.cfg = cfg
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # First, before any oneDNN kernel (the dtype probe's matmuls, the model, fuse_ops' probe) reads them:
+        # per-shape kernel caches bounded (heap.py).
+        self.kernel_caches = bound_kernel_caches() if self.device.type == "cpu" else "not a CPU run"
         self.dtype_choice = choose_dtype(cfg.dtype, self.device)  # logs the choice and its reason
         self.dtype = self.dtype_choice.dtype
         # On a CPU every batch allocates and frees the same few hundred MB: keep those pages (heap.py).
@@ -193,6 +196,8 @@ class HFTeacher:
                     texts[i], first[i], cut[i] = gen[0][j], gen[1][j], gen[2][j]
             if progress:
                 progress(len(idx))
+        if self.device.type == "cpu":  # a shard's prompts are done: hand back the heap's free pages (heap.py)
+            release_heap()
         if mode != "generate":
             return TeacherOutput(h_out, s_out, None)
         return TeacherOutput(h_out, s_out, texts, first, cut)
