@@ -16,7 +16,8 @@ What each catches (each was broken on purpose and seen failing):
 
 Memory flat across shards (the same module):
 - release_heap not trimming: `test_release_heap_hands_free_pages_back` fails;
-- HFTeacher.run not calling it after a shard: `test_the_cpu_teacher_releases_the_heap_after_each_run` fails;
+- HFTeacher.run not calling it after a shard, or not every TRIM_EVERY batches within one:
+  `test_the_cpu_teacher_releases_the_heap_after_each_run` fails;
 - bound_kernel_caches not setting the caps, or setting them after the first oneDNN kernel (e.g. after the
   dtype probe or the model load): `test_the_teacher_bounds_its_kernel_caches` fails (the live heap grows
   with every new padded width as with the libraries' 1024-entry defaults);
@@ -31,6 +32,7 @@ import sys
 
 import pytest
 
+from pipeline.errors import UsageError
 from pipeline.teacher import heap
 
 
@@ -186,7 +188,23 @@ def test_the_cpu_teacher_releases_the_heap_after_each_run(monkeypatch):
                                                        batch_size=2))
     calls = []
     monkeypatch.setattr(hf_backend, "release_heap", lambda: calls.append(1))
-    teacher.run([[100] * 5, [100] * 7, [100] * 6], [1, 2])  # two batches, one run: released once, at the end
-    assert calls == [1]
-    teacher.run([[100] * 5], [1, 2])
+    assert teacher.trim_every == heap.TRIM_EVERY == 4
+    prompts = [[100] * n for n in (5, 7, 6, 9, 8, 5, 6, 7, 5, 6)]  # five batches of two
+    teacher.run(prompts, [1, 2])  # after the 4th batch, and at the end of the run
     assert calls == [1, 1]
+    teacher.run(prompts[:2], [1, 2])
+    assert calls == [1, 1, 1]
+    calls.clear()
+    teacher.trim_every = 0  # GEDISTILL_TRIM_EVERY=0: only at the end
+    teacher.run(prompts, [1, 2])
+    assert calls == [1]
+
+
+def test_trim_period(monkeypatch):
+    monkeypatch.delenv(heap.ENV_TRIM, raising=False)
+    assert heap.trim_period() == heap.TRIM_EVERY
+    monkeypatch.setenv(heap.ENV_TRIM, "0")
+    assert heap.trim_period() == 0
+    monkeypatch.setenv(heap.ENV_TRIM, "every other")
+    with pytest.raises(UsageError, match="GEDISTILL_TRIM_EVERY='every other': give a whole number"):
+        heap.trim_period()

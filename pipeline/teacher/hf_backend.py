@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.teacher.dtype_choice import choose_dtype
 from pipeline.teacher.head import identifier_scores, logit_transform, text_config
-from pipeline.teacher.heap import bound_kernel_caches, keep_heap, release_heap
+from pipeline.teacher.heap import bound_kernel_caches, keep_heap, release_heap, trim_period
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,7 @@ class HFTeacher:
         self.dtype = self.dtype_choice.dtype
         # On a CPU every batch allocates and frees the same few hundred MB: keep those pages (heap.py).
         self.heap = keep_heap() if self.device.type == "cpu" else "not a CPU run"
+        self.trim_every = trim_period() if self.device.type == "cpu" else 0  # batches between heap trims (heap.py)
         log.info("loading teacher %s in %s on %s", cfg.location, self.dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.location, trust_remote_code=cfg.trust_remote_code)
         self.model = AutoModelForCausalLM.from_pretrained(
@@ -187,7 +188,7 @@ class HFTeacher:
         # ascending order every batch needed slightly larger ones and the heap grew with the shard (peak RSS 4.0 GB
         # for a 943-row shard against 1.0 GB for 32 rows; BENCHMARKS.md "Scaling curve"). The batches are the same
         # (same rows, same padding), so are their results.
-        for start in reversed(range(0, len(order), self.cfg.batch_size)):
+        for n, start in enumerate(reversed(range(0, len(order), self.cfg.batch_size)), 1):
             idx = order[start:start + self.cfg.batch_size]
             h, s, gen = self._batch([prompts[i] for i in idx], ident_ids, mode, budget)
             h_out[idx], s_out[idx] = h, s
@@ -196,7 +197,9 @@ class HFTeacher:
                     texts[i], first[i], cut[i] = gen[0][j], gen[1][j], gen[2][j]
             if progress:
                 progress(len(idx))
-        if self.device.type == "cpu":  # a shard's prompts are done: hand back the heap's free pages (heap.py)
+            if self.trim_every and n % self.trim_every == 0:  # hand back the heap's free pages now and then (heap.py)
+                release_heap()
+        if self.device.type == "cpu":  # and once a shard's prompts are done
             release_heap()
         if mode != "generate":
             return TeacherOutput(h_out, s_out, None)
