@@ -16,8 +16,10 @@ Two more things keep the dump's memory flat across shards (BENCHMARKS.md, "teach
 across shards"):
 - bound_kernel_caches: oneDNN's primitive cache and ideep's LRU cache keep kernels per input shape, 1024
   entries each by default, about 2.4 MB per new padded width. Every batch of a shard has a new width, so
-  the dump's live heap grew ~2.2 MB per batch until the caches were full (+0.5 GB from 1 to 4 shards of
-  943). A batch's layers share one shape, so a few entries are all a forward reuses; 32 bound them.
+  the dump's live heap grew ~2.2 MB per batch until the caches were full (+111 MB over one 943-row
+  shard; part of the +0.5 GB from 1 to 4 such shards). A batch's layers share one shape, so a few entries
+  are all a forward reuses; 32 bound them. Set only if the environment does not, and effective only when
+  set before the process's first oneDNN kernel.
 - release_heap: the kept heap fragments (each shard starts again with its widest batch, and glibc's free
   chunks no longer fit it), so RSS grew ~100-150 MB per shard although the live heap did not.
   malloc_trim(0) every TRIM_EVERY batches and after each shard hands every free page back: four shards of
@@ -111,8 +113,9 @@ def trim_period() -> int:
 
 def release_heap() -> float | None:
     """malloc_trim(0): hand back every free page of glibc's heap, the middle included (glibc >= 2.8), not
-    only a free top. Called once per shard, so the next shard faults its working set in once. Returns the
-    MiB released, or None where this is not glibc."""
+    only a free top. HFTeacher.run calls it every TRIM_EVERY batches and after each shard, so a batch
+    faults its working set in again only after a trim. Returns the MiB released, or None where this is not
+    glibc."""
     if (libc := _glibc()) is None:
         return None
     before = _resident_mib()
