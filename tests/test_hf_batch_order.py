@@ -17,12 +17,15 @@ import pytest
 
 pytest.importorskip("transformers")
 
+import torch  # noqa: E402
+
 from pipeline.teacher.hf_backend import HFConfig, HFTeacher  # noqa: E402
 
 
 def _teacher(batch_size: int) -> tuple[HFTeacher, list[list[int]]]:
     t = HFTeacher.__new__(HFTeacher)  # no model: _batch is replaced below
     t.cfg, t.hidden_size = HFConfig(location="unused", batch_size=batch_size), 3
+    t.device, t.trim_every = torch.device("cpu"), 0  # what __init__ sets on a CPU (heap trims: test_heap.py)
     seen: list[list[int]] = []
 
     def fake_batch(prompts, ident_ids, mode, budget):
