@@ -143,6 +143,7 @@ def run_tune(cfg: TuneRunConfig, prepared: Path, student: Path, out: Path,
 
     from pipeline.teacher.convert import resolve_teacher
     from pipeline.teacher.dtype_choice import choose_dtype
+    from pipeline.teacher.heap import bound_kernel_caches
 
     data = load_prepared(prepared)
     retriever, meta = load_student(student)
@@ -150,6 +151,10 @@ def run_tune(cfg: TuneRunConfig, prepared: Path, student: Path, out: Path,
         raise UsageError(f"{student} was trained on other prepared data than {prepared}; retrain it or pass --student")
     source = resolve_teacher(cfg.teacher)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        # before the first oneDNN kernel (choose_dtype's probe): every new padded width would otherwise keep
+        # its kernels for good, as in teacher-dump (heap.bound_kernel_caches)
+        bound_kernel_caches()
     choice = choose_dtype(cfg.dtype, device)
     log.info("teacher %s; compute dtype %s (%s)", source.location, choice.name, choice.reason)
     tokenizer = AutoTokenizer.from_pretrained(source.location)
@@ -179,6 +184,9 @@ def run_tune(cfg: TuneRunConfig, prepared: Path, student: Path, out: Path,
     ev, ev_shown, ev_student, ev_users = eval_examples(data, hold_users, retriever, render, cfg.tune.seed)
     bf16 = torch.bfloat16 if choice.dtype == torch.bfloat16 else None  # autocast per forward, inside the loop
     zero_shot = score_examples(model, ev, render.ident_ids, pad_id, cfg.eval_batch_size, compute_dtype=bf16)
+    # LoRA's initial A matrices come from torch's global generator: seeded here, so a run depends on its seed and
+    # not on what drew random numbers before (the dtype probe draws only when the CPU flags do not decide)
+    torch.manual_seed(cfg.tune.seed)
     wrapped = apply_method(model, cfg.tune)
     state = train(wrapped, examples, render.ident_ids, pad_id, cfg.tune, out, fp, progress=progress, compute_dtype=bf16)
     tuned = score_examples(wrapped, ev, render.ident_ids, pad_id, cfg.eval_batch_size, compute_dtype=bf16)
