@@ -54,7 +54,7 @@ def teacher_tune(
                                                                            "held-out report.")] = 0.1,
     checkpoint_every: Annotated[int, typer.Option(min=1, help="Optimizer steps between resumable checkpoints.")] = 50,
     n_boot: Annotated[int, typer.Option(min=100)] = 2000,
-    seed: Annotated[int, typer.Option(help="Seeds the user split, candidate shuffle, data order and dropout.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seeds the user split, candidate shuffle, LoRA's initial weights, data order and dropout.")] = 0,
     threads: Annotated[int, typer.Option(min=0, help="torch threads; 0 = torch's default.")] = 0,
     metrics: Annotated[Path | None, typer.Option(help="Also write the report (tune.json) here, e.g. for DVC.")] = None,
 ) -> None:
