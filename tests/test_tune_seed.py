@@ -10,28 +10,22 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from tests.test_teacher_tune import tiny_tune_inputs  # noqa: E402,F401  (the fixture: prepared data and a retriever)
+
 
 @pytest.mark.teacher
 @pytest.mark.slow
-def test_run_tune_depends_on_its_seed_not_on_the_process_random_state(tmp_path, monkeypatch):
+def test_run_tune_depends_on_its_seed_not_on_the_process_random_state(tiny_tune_inputs, tmp_path, monkeypatch):
     """Two bf16 runs with the same settings in one process, torch's generator moved on in between (as the dtype
     probe moves it where the CPU flags do not decide): everything teacher-tune writes must be the same (losses,
     zero-shot and tuned metrics, the merged weights' hash). Fails if LoRA's A matrices are drawn from the
     process's random state (measured: the second optimizer step's loss differed in its 3rd-4th decimal), or if
     run_tune reaches choose_dtype (whose probe runs the first oneDNN kernels) before bounding the caches."""
-    from pipeline.data.prepared import load_prepared
-    from pipeline.student.checkpoint import save_student
-    from pipeline.student.sasrec import SASRec, SasrecConfig
     from pipeline.teacher import dtype_choice, heap
     from pipeline.teacher.tune import TuneConfig
     from pipeline.teacher.tune_run import TuneRunConfig, run_tune
-    from tests.teacher_fixtures import make_inputs
 
-    prepared, _ = make_inputs(tmp_path / "in", n_users=6, k=4)
-    data = load_prepared(prepared)
-    torch.manual_seed(0)
-    student = SASRec(SasrecConfig(n_items=data.n_items, hidden=16, n_blocks=1, n_heads=1, inner=32, max_len=10))
-    save_student(tmp_path / "student", student, {"prepared_fingerprint": data.fingerprint})
+    prepared, student, _ = tiny_tune_inputs
     cfg = TuneRunConfig(k=4, history_len=3, holdout_fraction=0.34, n_boot=50, dtype="bfloat16",
                         tune=TuneConfig(lr=1e-3, batch_size=4, max_samples=8, top_layers=2, checkpoint_every=100,
                                         target_modules=("q_proj", "v_proj", "down_proj")))
@@ -40,10 +34,10 @@ def test_run_tune_depends_on_its_seed_not_on_the_process_random_state(tmp_path, 
     monkeypatch.setattr(heap, "bound_kernel_caches", lambda: calls.append("caches") or real_bound())
     monkeypatch.setattr(dtype_choice, "choose_dtype", lambda *a, **k: calls.append("dtype") or real_choose(*a, **k))
 
-    first = run_tune(cfg, prepared, tmp_path / "student", tmp_path / "first")
+    first = run_tune(cfg, prepared, student, tmp_path / "first")
     assert calls == ["caches", "dtype"]
     torch.rand(1000)  # the process's generator is elsewhere now
-    second = run_tune(cfg, prepared, tmp_path / "student", tmp_path / "second")
+    second = run_tune(cfg, prepared, student, tmp_path / "second")
     assert first["dtype"] == second["dtype"] == "bfloat16"
     assert first["training"]["steps"] == 2 and len(first["training"]["loss_first"]) == 2
     assert first["training"] == second["training"]
