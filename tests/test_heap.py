@@ -195,6 +195,9 @@ def test_the_cpu_teacher_releases_the_heap_after_each_run(monkeypatch):
     teacher.run(prompts[:2], [1, 2])
     assert calls == [1, 1, 1]
     calls.clear()
+    teacher.run(prompts[:8], [1, 2])  # four batches: the end-of-run trim only, not a second one right before it
+    assert calls == [1]
+    calls.clear()
     teacher.trim_every = 0  # GEDISTILL_TRIM_EVERY=0: only at the end
     teacher.run(prompts, [1, 2])
     assert calls == [1]

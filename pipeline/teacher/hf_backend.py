@@ -197,7 +197,9 @@ class HFTeacher:
                     texts[i], first[i], cut[i] = gen[0][j], gen[1][j], gen[2][j]
             if progress:
                 progress(len(idx))
-            if self.trim_every and n % self.trim_every == 0:  # hand back the heap's free pages now and then (heap.py)
+            # hand back the heap's free pages now and then (heap.py); not after the last batch (start 0): the
+            # end-of-run trim below follows at once
+            if self.trim_every and n % self.trim_every == 0 and start:
                 release_heap()
         if self.device.type == "cpu":  # and once a shard's prompts are done
             release_heap()
