@@ -14,6 +14,9 @@ What each catches (each was broken on purpose and seen failing):
   impostor test fails, its output changes;
 - the in-place MLP applied to the wrong tensor (`g.mul_(x)` shapes aside, e.g. `up(x) * up(x)`): probe
   rejects it, counts fail; on the real teacher h_dec would differ.
+- the shared-KV-heads attention (`_sdpa_gqa_forward`): switched on without its probe (a kernel whose
+  grouped-query path differs must leave transformers' SDPA in place), or always handing the call back to
+  transformers (installed, counted, and no faster: the spy sees the KV heads expanded).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from pipeline.teacher.hf_backend import fuse_ops  # noqa: E402
+from pipeline.teacher.hf_backend import GQA_SDPA, fuse_ops  # noqa: E402
 
 
 def tiny_llama(dtype: torch.dtype) -> torch.nn.Module:
@@ -49,8 +52,44 @@ def test_fused_forwards_are_installed_and_bit_identical(dtype):
         before = model.model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
         counts = fuse_ops(model)
         after = model.model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
-    assert counts == {"rms_norm": 2 * 2 + 1, "mlp": 2}
+    assert counts == {"rms_norm": 2 * 2 + 1, "mlp": 2, "gqa_attention": 2}
+    assert model.config._attn_implementation == GQA_SDPA
     assert torch.equal(before, after)
+
+
+def test_shared_kv_heads_reach_the_kernel_unexpanded(monkeypatch):
+    """With a padding mask on a CPU, SDPA gets the 2 KV heads as they are (enable_gqa), not 4 copies."""
+    model = tiny_llama(torch.bfloat16)
+    fuse_ops(model)
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.shape[1], k.shape[1], kw.get("enable_gqa", False), kw.get("attn_mask") is not None))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.inference_mode():
+        model.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+    assert seen == [(4, 2, True, True)] * 2  # one call per layer
+
+
+def test_attention_that_differs_on_the_probe_is_not_switched(monkeypatch):
+    """A grouped-query kernel path whose numbers differ (simulated: a perturbed output whenever enable_gqa is
+    set) leaves the model on transformers' SDPA and counts nothing."""
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def off_by_a_bit(q, k, v, **kw):
+        out = real(q, k, v, **kw)
+        return out * 1.01 if kw.get("enable_gqa") else out
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", off_by_a_bit)
+    model = tiny_llama(torch.float32)
+    assert fuse_ops(model)["gqa_attention"] == 0
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_a_norm_with_another_formula_keeps_its_own_forward():
@@ -68,40 +107,47 @@ def test_a_norm_with_another_formula_keeps_its_own_forward():
     net = torch.nn.Sequential(LlamaRMSNorm())
     x = torch.randn(2, 3, 8)
     before = net(x)
-    assert fuse_ops(net) == {"rms_norm": 0, "mlp": 0}
+    assert fuse_ops(net) == {"rms_norm": 0, "mlp": 0, "gqa_attention": 0}
     assert torch.equal(net(x), before)
 
 
 @pytest.mark.teacher
 def test_real_teacher_h_dec_and_scores_unchanged():
     """The embedded teacher in bf16 (the default profile's dtype where the CPU has bf16): every layer's
-    norms and MLPs fused, h_dec and identifier scores of real-length prompts bit-identical to HF's own
-    forwards, through HFTeacher.run's batching (left padding, several lengths)."""
+    norms and MLPs fused and its KV heads shared, h_dec and identifier scores of real-length prompts
+    bit-identical to HF's own forwards, through HFTeacher.run's batching (left padding, several lengths),
+    in first-token mode and in generate mode (the decoding steps attend through the padding mask too)."""
     from pipeline.teacher.convert import resolve_teacher
     from pipeline.teacher.hf_backend import HFConfig, HFTeacher
 
     loc = resolve_teacher("embedded").location
     plain = HFTeacher(HFConfig(loc, dtype="bfloat16", batch_size=3, fused_ops=False))  # HF's own forwards
     fused = HFTeacher(HFConfig(loc, dtype="bfloat16", batch_size=3))  # the default: fused
-    assert plain.fused == {} and fused.fused == {"rms_norm": 61, "mlp": 30}
+    assert plain.fused == {} and fused.fused == {"rms_norm": 61, "mlp": 30, "gqa_attention": 30}
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(100, 40000, (n,), generator=g).tolist() for n in (120, 97, 133, 60)]
     ident = fused.tokenizer.convert_tokens_to_ids(list("ABCDEFGH"))
     a = plain.run(prompts, ident, "first-token")
     b = fused.run(prompts, ident, "first-token")
     assert (a.h_dec == b.h_dec).all() and (a.scores == b.scores).all()
+    a = plain.run(prompts, ident, "generate", max_new_tokens=6)
+    b = fused.run(prompts, ident, "generate", max_new_tokens=6)
+    assert (a.h_dec == b.h_dec).all() and a.generated == b.generated
 
 
 def test_fused_model_still_trains():
     """With autograd on (a LoRA step, say) the fused forwards still give the unfused model's gradients.
     Catches a fused forward that cuts the graph (run under no_grad or detached: the probe, which runs
-    in inference mode, cannot see that; the gradient here is then None)."""
+    in inference mode, cannot see that; the gradient here is then None). With a padding mask, so the
+    attention goes through the shared-KV-heads function, which hands autograd back to transformers."""
     ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
     grads = []
     for fused in (False, True):
         model = tiny_llama(torch.float32)
         if fused:
             fuse_ops(model)
-        model.model(input_ids=ids).last_hidden_state.pow(2).sum().backward()
+        model.model(input_ids=ids, attention_mask=mask).last_hidden_state.pow(2).sum().backward()
         grads.append(model.model.layers[0].mlp.gate_proj.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)

@@ -18,7 +18,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from pipeline.teacher.dtype_choice import choose_dtype
 from pipeline.teacher.head import identifier_scores, logit_transform, text_config
@@ -42,6 +44,8 @@ class HFConfig:
     # replacement is checked bit for bit on a probe before it is installed, else the model's own forward stays).
     # On by default: on a quiet 2-core Xeon the whole first-token dump took 0.906x the time, faster in 7 of 7
     # interleaved rounds, same h_dec bits and rankings (BENCHMARKS.md, "fused forwards on a quiet machine").
+    # On a CPU it also lets grouped-query attention read its shared KV heads instead of copies (_sdpa_gqa_forward,
+    # probe-checked the same way): 0.92-0.98x the dump's time, same bits.
     fused_ops: bool = True
 
 
@@ -81,10 +85,66 @@ def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(g.mul_(self.up_proj(x)))
 
 
+GQA_SDPA = "gedistill_sdpa_gqa"  # the name transformers' attention and mask registries know it by
+
+
+def _sdpa_gqa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, except that a masked grouped-query call on a CPU hands the KV heads to
+    SDPA as they are (`enable_gqa=True`) instead of copying each one `num_key_value_groups` times first.
+
+    transformers expands them whenever there is a mask (the CUDA kernels need that); the CPU flash-attention
+    kernel reads the shared head itself. On the embedded teacher's layer (16 prompts of 535 tokens, 9 query
+    and 3 KV heads) 26.3 ms against 30.5 ms, bit-identical (BENCHMARKS.md, "KV heads not expanded"). Every
+    other call (no mask, no grouping, another device, autograd, a paged cache, a position bias) goes to
+    transformers' own function unchanged."""
+    if (attention_mask is None or getattr(module, "num_key_value_groups", 1) <= 1 or query.device.type != "cpu"
+            or query.requires_grad or kwargs.get("cache") is not None or kwargs.get("position_bias") is not None
+            or torch.jit.is_tracing()):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    # with a mask transformers' function passes is_causal=False and the mask unchanged
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                           dropout_p=dropout, scale=scaling, is_causal=False,
+                                                           enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _gqa_attention(model: torch.nn.Module, gen: torch.Generator) -> int:
+    """Switch a CPU model on transformers' SDPA attention to _sdpa_gqa_forward if its output equals SDPA's
+    bit for bit on a probe (left padding, causal mask) in the model's dtype; returns the attention modules
+    that now share their KV heads (0: left as it was)."""
+    config = getattr(model, "config", None)
+    grouped = [m for m in model.modules() if getattr(m, "num_key_value_groups", 1) > 1 and hasattr(m, "scaling")]
+    p = next(model.parameters(), None)
+    if (config is None or getattr(config, "_attn_implementation", None) != "sdpa" or not grouped or p is None
+            or p.device.type != "cpu" or not hasattr(model, "set_attn_implementation")):
+        return 0
+    module = grouped[0]
+    n, heads_kv, width, dim = 3, 2, 11, int(getattr(module, "head_dim", 64))
+    q = torch.randn((n, heads_kv * module.num_key_value_groups, width, dim), generator=gen).to(p.dtype)
+    k, v = (torch.randn((n, heads_kv, width, dim), generator=gen).to(p.dtype) for _ in range(2))
+    keep = torch.ones((n, width), dtype=torch.bool)
+    keep[0, :4] = False  # one left-padded row, as the backend batches
+    mask = torch.ones((width, width), dtype=torch.bool).tril()[None, None] & keep[:, None, None, :]
+    with torch.inference_mode():
+        same = torch.equal(sdpa_attention_forward(module, q, k, v, mask, scaling=module.scaling)[0],
+                           _sdpa_gqa_forward(module, q, k, v, mask, scaling=module.scaling)[0])
+    if not same:
+        log.info("attention with shared KV heads differs on a probe; keeping transformers' SDPA")
+        return 0
+    AttentionInterface.register(GQA_SDPA, _sdpa_gqa_forward)
+    AttentionMaskInterface.register(GQA_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # the very same masks
+    model.set_attn_implementation(GQA_SDPA)
+    return len(grouped)
+
+
 def fuse_ops(model: torch.nn.Module) -> dict[str, int]:
     """Install the fused forwards on every matching module whose output stays bit-identical on a probe.
 
-    Returns how many modules of each kind were switched (logged); inference only (in-place activation)."""
+    Returns how many modules of each kind were switched (logged); inference only (in-place activation). On
+    a CPU, grouped-query attention also stops copying its KV heads (_sdpa_gqa_forward), checked the same way."""
     import types
 
     counts = {"rms_norm": 0, "mlp": 0}
@@ -110,6 +170,7 @@ def fuse_ops(model: torch.nn.Module) -> dict[str, int]:
         if checked[key]:
             module.forward = types.MethodType(new, module)
             counts[kind] += 1
+    counts["gqa_attention"] = _gqa_attention(model, gen)
     log.info("fused forwards installed: %s", counts)
     return counts
 
