@@ -151,3 +151,12 @@ def test_fused_model_still_trains():
         model.model(input_ids=ids, attention_mask=mask).last_hidden_state.pow(2).sum().backward()
         grads.append(model.model.layers[0].mlp.gate_proj.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_a_model_that_cannot_switch_its_attention_counts_nothing(monkeypatch):
+    """A model class that cannot change its attention implementation after loading (transformers then only
+    warns) keeps SDPA, and fuse_ops must not report the shared-KV-heads attention as installed."""
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "_can_set_attn_implementation", lambda self: False)
+    model = tiny_llama(torch.float32)
+    assert fuse_ops(model)["gqa_attention"] == 0
+    assert model.config._attn_implementation == "sdpa"

@@ -136,8 +136,12 @@ def _gqa_attention(model: torch.nn.Module, gen: torch.Generator) -> int:
         return 0
     AttentionInterface.register(GQA_SDPA, _sdpa_gqa_forward)
     AttentionMaskInterface.register(GQA_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # the very same masks
-    model.set_attn_implementation(GQA_SDPA)
-    return len(grouped)
+    try:  # a model class that cannot switch only warns (and keeps SDPA), one that refuses raises
+        model.set_attn_implementation(GQA_SDPA)
+    except (ValueError, ImportError, NotImplementedError) as e:
+        log.info("attention with shared KV heads not installed (%s); keeping transformers' SDPA", e)
+        return 0
+    return len(grouped) if model.config._attn_implementation == GQA_SDPA else 0
 
 
 def fuse_ops(model: torch.nn.Module) -> dict[str, int]:
