@@ -16,7 +16,8 @@ What each catches (each was broken on purpose and seen failing):
   rejects it, counts fail; on the real teacher h_dec would differ.
 - the shared-KV-heads attention (`_sdpa_gqa_forward`): switched on without its probe (a kernel whose
   grouped-query path differs must leave transformers' SDPA in place), or always handing the call back to
-  transformers (installed, counted, and no faster: the spy sees the KV heads expanded).
+  transformers (installed, counted, and no faster: the spy sees the KV heads expanded), or counted as
+  installed on a model class that could not switch (the count must follow the model's configuration).
 """
 
 from __future__ import annotations
