@@ -94,9 +94,10 @@ def _sdpa_gqa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     """transformers' SDPA attention, except that a masked grouped-query call on a CPU hands the KV heads to
     SDPA as they are (`enable_gqa=True`) instead of copying each one `num_key_value_groups` times first.
 
-    transformers expands them whenever there is a mask (the CUDA kernels need that); the CPU flash-attention
-    kernel reads the shared head itself. On the embedded teacher's layer (16 prompts of 535 tokens, 9 query
-    and 3 KV heads) 26.3 ms against 30.5 ms, bit-identical (BENCHMARKS.md, "KV heads not expanded"). Every
+    transformers expands them whenever there is a mask (on CUDA a masked grouped call would fall back to the
+    math kernel); the CPU flash-attention kernel reads the shared head itself. On the embedded teacher's layer
+    (16 prompts of 535 tokens, 9 query and 3 KV heads) 26.3 ms against 30.5 ms, bit-identical (BENCHMARKS.md,
+    "KV heads shared inside SDPA instead of copied"). Every
     other call (no mask, no grouping, another device, autograd, a paged cache, a position bias) goes to
     transformers' own function unchanged."""
     if (attention_mask is None or getattr(module, "num_key_value_groups", 1) <= 1 or query.device.type != "cpu"
