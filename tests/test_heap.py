@@ -159,9 +159,9 @@ print((libc.mallinfo2().uordblks - used) / 2**20)
 
 
 def onednn_bf16() -> bool:
-    """Whether torch runs bf16 matmuls through oneDNN on this CPU (AVX-512 BF16 / AMX: the Xeon and the
-    avx512_bf16 EPYC). On an AVX2-only CPU (an AMD EPYC Zen 3, 2026-12-01) it does not: the probe's caches stayed
-    empty there (0.1 MiB of growth with 1024 entries)."""
+    """Whether torch runs bf16 matmuls through oneDNN on this CPU (it needs AVX-512; the Xeon with AMX and the
+    avx512_bf16 EPYC have it). On an AVX2-only CPU (an AMD EPYC Zen 3, 2026-12-01) it does not: the probe's caches
+    stayed empty there (0.1 MiB of growth with 1024 entries)."""
     import torch
 
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
@@ -175,8 +175,8 @@ def test_the_teacher_bounds_its_kernel_caches():
     with the teacher's bounded caches against the libraries' defaults (1024 entries, set as a user would)."""
     pytest.importorskip("transformers")
     if not onednn_bf16():
-        pytest.skip("this CPU has no oneDNN bf16 path (no AVX-512 BF16 or AMX: --dtype auto picks float32 here, and bf16 "
-                    "linears run through ATen's own GEMM): no per-shape kernel cache grows, nothing to bound")
+        pytest.skip("torch has no oneDNN bf16 path on this CPU (no AVX-512): bf16 linears run through ATen's own GEMM, "
+                    "so no per-shape kernel cache grows and there is nothing to bound")
     clean = {k: v for k, v in os.environ.items() if "CACHE_CAPACITY" not in k}
 
     def growth(**env: str) -> float:
