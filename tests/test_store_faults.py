@@ -137,6 +137,14 @@ def test_sigkill_at_each_fault_point_then_rerun(world, tmp_path, point):
             os._exit(0)
     _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"{point} was never reached"
+    # mid-/torn- points cut the file just written to half (the 2nd shard is shard 1): the rerun meets a real tear
+    cut = {"mid-shard-write": out / f".{SHARDS[1]}.tmp-{pid}", "torn-shard": out / SHARDS[1],
+           "mid-manifest-write": out / f".{MANIFEST}.tmp-{pid}", "torn-manifest": out / MANIFEST}.get(point)
+    if point in ("mid-shard-write", "torn-shard"):
+        assert cut.stat().st_size == (root / "ref" / SHARDS[1]).stat().st_size // 2, f"{point} did not cut {cut.name}"
+    elif cut is not None:
+        with pytest.raises(ValueError):
+            json.loads(cut.read_text(encoding="utf-8"))
     assert dump(inputs, out).complete
     assert_whole(out, root / "ref")
 
@@ -257,8 +265,10 @@ def test_an_unwritable_out_is_a_usage_error(world, tmp_path):
     FileExistsError traceback instead of a message that says to choose a writable directory."""
     _, inputs = world
     (tmp_path / "file").write_text("not a directory")
-    with pytest.raises(UsageError, match="choose a writable --out"):
+    with pytest.raises(UsageError) as e:
         dump(inputs, tmp_path / "file")
+    assert str(e.value) == f"cannot write the teacher store at {tmp_path / 'file'} (File exists); choose a writable " \
+                           "--out directory"
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)

@@ -60,8 +60,9 @@ def mismatch(stored: dict[str, Any] | None, spec: StoreSpec) -> str | None:
     if stored is None or stored.get("fingerprint") == spec.fingerprint:
         return None
     diffs = diff_settings(stored.get("settings", {}), spec.settings)
+    named = {d.split(":", 1)[0] for d in diffs}  # teacher-dump's settings hold the layout too: name it once
     layout = [f"{k}: stored {stored.get(k)}, now {getattr(spec, k)}" for k in ("n_samples", "shard_rows")
-              if k in stored and stored[k] != getattr(spec, k)]
+              if k not in named and k in stored and stored[k] != getattr(spec, k)]
     return "; ".join(diffs + layout or ["(fingerprint only)"])
 
 
@@ -93,7 +94,7 @@ class StoreWriter:
         if not read_manifest_file(self.root):
             self.write_manifest()
 
-    def _check_compatible(self, replace_mismatched: bool = False) -> None:
+    def _check_compatible(self, replace_mismatched: bool) -> None:
         stored: dict[str, Any] | None = read_manifest_file(self.root) or None
         for shard in [] if stored else sorted(self.root.glob("part-*.parquet")):
             try:

@@ -72,8 +72,9 @@ def verify_store(root: Path, prepared: Any = None, partial: bool = False) -> lis
         if s["name"] in listed or s["name"] not in expected:
             problems.append(f"{MANIFEST}: lists {s['name']} {'twice' if s['name'] in listed else 'outside the layout'}")
         listed[s["name"]] = s
-    if not partial and not (m.get("complete") is True and len(listed) == spec.n_shards):
-        problems.append(f"{MANIFEST}: store is incomplete: {len(listed)} of {spec.n_shards} shards listed")
+    in_layout = len(listed.keys() & set(expected))  # an entry outside the layout is no shard of this store
+    if not partial and not (m.get("complete") is True and in_layout == spec.n_shards):
+        problems.append(f"{MANIFEST}: store is incomplete: {in_layout} of {spec.n_shards} shards listed")
     if prepared is not None and m["settings"].get("prepared_fingerprint") != prepared.fingerprint:
         problems.append(f"{MANIFEST}: made from other prepared data (prepared fingerprint "
                         f"{str(m['settings'].get('prepared_fingerprint'))[:16]}, the given data {prepared.fingerprint[:16]})")

@@ -1,0 +1,224 @@
+"""`cache verify` (pipeline.store.check) word for word: each problem it reports names the file, what is wrong
+and how much of it, so that a user can tell one damage from another without reading the code
+(docs/MUTATION.md: the verifier's score was 68%; the corruption campaign checks that a damage is caught and
+which file is named, not the count or the wording). Fake teacher; 10 samples."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline.data.prepared import load_prepared
+from pipeline.store import MANIFEST, fingerprint_of
+from pipeline.store.check import rankings_are_permutations, verify_store
+from pipeline.teacher.dump import DumpConfig, load_inputs, run_dump
+from pipeline.teacher.parse import STATUSES
+from tests.teacher_fixtures import FAKE_TEACHER, FakeBackend, make_inputs
+from tests.test_store_corruption import _edit_manifest, _rewrite, _seal, _set
+
+SHARDS = [f"part-0000{i}-of-00004.parquet" for i in range(4)]
+ONE = "part-00000-of-00001.parquet"
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """prepared dir, a store in 4 shards of 3, 3, 3, 1, the same samples in one shard of 10, and another
+    prepared dataset."""
+    root = tmp_path_factory.mktemp("check")
+    prepared, cands = make_inputs(root / "in")
+    inputs = load_inputs(prepared, cands)
+    run_dump(DumpConfig(shard_rows=3), inputs, FakeBackend(), FAKE_TEACHER, root / "four")
+    run_dump(DumpConfig(shard_rows=10), inputs, FakeBackend(), FAKE_TEACHER, root / "one")
+    other, _ = make_inputs(root / "in-other", seed=1)
+    return prepared, root / "four", root / "one", other
+
+
+def copy(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest)
+    return dest
+
+
+def test_several_bad_rows_of_each_kind_in_one_shard_are_counted_and_named(made, tmp_path):
+    """A sealed shard (its sha256 updated) with rows swapped, two rankings that are not permutations (one
+    too short), three candidate/score lists without K entries, two unknown statuses, two non-finite h_dec
+    and three rows that are not the prepared data's (a user, a position one past the last; a target), beside
+    a valid row at position 0. Fails if a count is off (a kind counted once per shard or per batch), a kind
+    is dropped, a bound is off by one, or a message changes."""
+    prepared, _, one, _ = made
+    store = copy(one, tmp_path / "s")
+
+    def change(t: pa.Table) -> pa.Table:
+        ids = t.column("sample_id").to_pylist()
+        ids[2], ids[3] = ids[3], ids[2]
+        ranking = t.column("ranking").to_pylist()
+        ranking[0] = [0, 0] + ranking[0][2:]
+        ranking[3] = ranking[3][:-1]
+        cands = t.column("candidates").to_pylist()
+        cands[1], cands[2] = cands[1][:-1], cands[2][:-1]
+        scores = t.column("scores").to_pylist()
+        scores[4] = scores[4] + [0.0]
+        status = t.column("status").to_pylist()
+        status[5] = status[6] = "weird"
+        h = np.stack(t.column("h_dec").to_pylist()).astype(np.float16)
+        h[7, 0], h[8, 3] = np.nan, np.inf
+        users, targets, pos = (t.column(c).to_pylist() for c in ("user_idx", "target", "position"))
+        train = load_prepared(prepared).train
+        pos[0], targets[0] = 0, int(train[users[0]][0])  # the first position: a valid row
+        users[1] = len(train)  # one past the last user
+        pos[8] = len(train[users[8]])  # one past the user's last position
+        targets[9] += 1000
+        for name, values in (("sample_id", ids), ("ranking", ranking), ("candidates", cands), ("scores", scores),
+                             ("status", status), ("user_idx", users), ("target", targets), ("position", pos)):
+            t = _set(t, name, pa.array(values, t.schema.field(name).type))
+        return _set(t, "h_dec", pa.FixedSizeListArray.from_arrays(pa.array(h.reshape(-1)), h.shape[1]))
+
+    _rewrite(store, ONE, change)
+    assert verify_store(store, load_prepared(prepared)) == [
+        f"{ONE}: sample_id not contiguous from 0 (rows permuted or duplicated?)",
+        f"{ONE}: 2 ranking(s) are not permutations of 0..7",
+        f"{ONE}: 3 candidates/scores list(s) without K=8 entries",
+        f"{ONE}: 2 row(s) with a status other than {', '.join(STATUSES)}",
+        f"{ONE}: 2 row(s) with a non-finite h_dec",
+        f"{ONE}: 3 row(s) whose user/position/target are not in the given prepared data",
+    ]
+
+
+def test_rankings_are_permutations_row_by_row_on_both_paths():
+    """Fails if the equal-length fast path or the ragged path misjudges a row: the first, a middle or the
+    last one, a repeated index, an index out of range, or a list of the wrong length."""
+    t = pa.list_(pa.int16())
+    assert rankings_are_permutations(pa.array([[0, 0, 1], [2, 0, 1], [0, 1, 3], [1, 2, 0]], t), 3).tolist() == \
+        [False, True, False, True]
+    assert rankings_are_permutations(pa.array([[0, 0, 1], [1, 0], [2, 1, 0], [0, 1, 2, 3], [1, 1, 1]], t), 3).tolist() \
+        == [False, False, True, False, False]
+    assert rankings_are_permutations(pa.array([[1, 0, 2], [0, 1]], t), 3).tolist() == [True, False]
+
+
+def _json(store: Path, text: str) -> None:
+    (store / MANIFEST).write_text(text, encoding="utf-8")
+
+
+def _drop(*keys: str) -> Callable[[dict], None]:
+    return lambda m: [m.pop(k) for k in keys]
+
+
+def _set_key(key: str, value) -> Callable[[dict], None]:
+    return lambda m: m.update({key: value})
+
+
+MALFORMED = f"{MANIFEST}: malformed (missing or invalid: dtype, sizes, k or shard entries)"
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (_drop("hidden_size", "shards"), [f"{MANIFEST}: malformed (missing or invalid: hidden_size, shards)"]),
+    (_set_key("settings", []), [f"{MANIFEST}: malformed (missing or invalid: settings)"]),
+    (_set_key("h_dec_dtype", "bfloat16"), [MALFORMED]),
+    (_set_key("shard_rows", 0), [MALFORMED]),
+    (_set_key("n_samples", 0), [MALFORMED]),
+    (_set_key("hidden_size", 0), [MALFORMED]),
+    (lambda m: m["settings"].update(k="8"), [MALFORMED]),
+    (lambda m: m["shards"][1].pop("sha256"), [MALFORMED]),
+    (lambda m: m["shards"].__setitem__(2, "part-00002-of-00004.parquet"), [MALFORMED]),
+    (_set_key("n_shards", 5), [f"{MANIFEST}: n_shards 5, the layout has 4"]),
+    (lambda m: m["settings"].update(seed=7), [f"{MANIFEST}: fingerprint does not match its settings (edited by hand?)"]
+     + [f"{s}: fingerprint in the shard metadata differs from the manifest (a shard of another store?)" for s in SHARDS]),
+], ids=["missing", "settings-not-object", "dtype", "shard-rows", "n-samples", "hidden-size", "k", "entry-key",
+        "entry-not-object", "n-shards", "fingerprint"])
+def test_a_malformed_or_inconsistent_manifest_is_named_exactly(made, tmp_path, edit, expected):
+    """Fails if a manifest problem is missed, reported in other words, or if the malformed manifest's missing
+    fields are not listed by name (in the manifest's order) where they are known."""
+    _, four, _, _ = made
+    store = copy(four, tmp_path / "s")
+    _edit_manifest(store, edit)
+    assert verify_store(store) == expected
+
+
+def test_layout_facts_that_contradict_the_settings_are_named(made, tmp_path):
+    """Fails if the manifest's own n_samples, shard_rows, h_dec dtype or width may contradict its settings
+    (or the teacher's width) without a problem naming both values."""
+    _, four, _, _ = made
+    for key, value, text in (("n_samples", 11, "n_samples 11 but the settings say 10"),
+                             ("shard_rows", 2, "shard_rows 2 but the settings say 3"),
+                             ("h_dec_dtype", "float32", "h_dec_dtype float32 but the settings say float16"),
+                             ("hidden_size", 9, "hidden_size 9 but the teacher's is 16")):
+        store = copy(four, tmp_path / key)
+
+        def edit(m, key=key, value=value):
+            m[key] = value
+            if key == "shard_rows":
+                m["n_shards"] = 5
+        _edit_manifest(store, edit)
+        problems = verify_store(store)
+        assert f"{MANIFEST}: {text}" in problems, problems
+
+
+def test_unreadable_or_non_object_manifest(made, tmp_path):
+    """Fails if a torn manifest raises, or is reported without the exception's type, or a JSON list is
+    read as a manifest."""
+    _, four, _, _ = made
+    store = copy(four, tmp_path / "s")
+    _json(store, "[1, 2]")
+    assert verify_store(store) == [f"{MANIFEST}: not a JSON object"]
+    _json(store, '{"schema_version": 1, "n')
+    [problem] = verify_store(store)
+    assert problem.startswith(f"{MANIFEST}: unreadable (JSONDecodeError: ") and \
+        problem.endswith("); not a complete teacher store")
+
+
+def test_listing_and_files_problems_are_named_with_the_file(made, tmp_path):
+    """An entry outside the layout, a listed shard missing, an unlisted shard present, a foreign shard
+    file, other prepared data. Fails if one is missed, named otherwise, or if a partial store (a worker's
+    share) is called incomplete."""
+    prepared, four, _, other = made
+    store = copy(four, tmp_path / "s")
+    shutil.copyfile(store / SHARDS[0], store / "part-00004-of-00005.parquet")
+    (store / SHARDS[1]).unlink()
+
+    def edit(m):
+        m["shards"] = [s for s in m["shards"] if s["name"] != SHARDS[2]]
+        m["shards"].append({**m["shards"][0], "name": "part-00009-of-00009.parquet"})
+        m["complete"] = False
+    _edit_manifest(store, edit)
+    head = [f"{MANIFEST}: lists part-00009-of-00009.parquet outside the layout"]
+    files = ["part-00004-of-00005.parquet: unexpected shard file (another layout or another store?)",
+             f"{SHARDS[1]}: missing",
+             f"{SHARDS[2]}: present but not listed in the manifest (rerun its teacher-dump to list it)"]
+    assert verify_store(store, partial=True) == head + files
+    assert verify_store(store) == head + [f"{MANIFEST}: store is incomplete: 3 of 4 shards listed"] + files
+    mine, theirs = load_prepared(prepared).fingerprint, load_prepared(other).fingerprint
+    assert f"{MANIFEST}: made from other prepared data (prepared fingerprint {mine[:16]}, the given data " \
+           f"{theirs[:16]})" in verify_store(store, load_prepared(other), partial=True)
+
+
+def test_a_sound_shard_in_the_wrong_place_is_named_by_what_is_wrong(made, tmp_path):
+    """Shard 1's bytes under shard 0's name, then shard 3's (1 row), each sealed in the manifest; then a shard
+    of another store. Fails if the layout metadata, the row counts or the foreign fingerprint go unnamed."""
+    _, four, _, _ = made
+    store = copy(four, tmp_path / "s")
+    shutil.copyfile(store / SHARDS[1], store / SHARDS[0])
+    _seal(store, SHARDS[0])
+    assert verify_store(store) == [f"{SHARDS[0]}: shard metadata does not match its place in the layout",
+                                   f"{SHARDS[0]}: sample_id not contiguous from 0 (rows permuted or duplicated?)"]
+    shutil.copyfile(store / SHARDS[3], store / SHARDS[0])
+    _seal(store, SHARDS[0])
+    assert verify_store(store) == [f"{SHARDS[0]}: shard metadata does not match its place in the layout",
+                                   f"{SHARDS[0]}: 1 rows, manifest says 3, layout says 3",
+                                   f"{SHARDS[0]}: sample_id not contiguous from 0 (rows permuted or duplicated?)"]
+    m = json.loads((store / MANIFEST).read_text(encoding="utf-8"))
+    settings = {**m["settings"], "seed": 7}
+    _edit_manifest(store, lambda m: m.update(settings=settings, fingerprint=fingerprint_of(settings)))
+    assert verify_store(store)[0] == f"{SHARDS[0]}: fingerprint in the shard metadata differs from the manifest " \
+                                     "(a shard of another store?)"
+
+
+def test_a_one_sample_store_is_sound(tmp_path):
+    """Fails if the smallest valid layout (one sample, one row per shard) is called malformed."""
+    inputs = load_inputs(*make_inputs(tmp_path / "in", n_users=1, per_user=1))
+    run_dump(DumpConfig(shard_rows=1), inputs, FakeBackend(), FAKE_TEACHER, tmp_path / "s")
+    assert verify_store(tmp_path / "s") == []
