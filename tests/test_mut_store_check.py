@@ -197,19 +197,28 @@ def test_listing_and_files_problems_are_named_with_the_file(made, tmp_path):
 
 
 def test_a_sound_shard_in_the_wrong_place_is_named_by_what_is_wrong(made, tmp_path):
-    """Shard 1's bytes under shard 0's name, then shard 3's (1 row), each sealed in the manifest; then a shard
-    of another store. Fails if the layout metadata, the row counts or the foreign fingerprint go unnamed."""
+    """Shard 1's bytes under shard 0's name, then shard 3's (1 row) under shard 1's, each sealed in the
+    manifest; a shard with another h_dec width; then a shard of another store. Fails if the layout metadata,
+    the row counts, the schema or the foreign fingerprint go unnamed, or a message changes."""
     _, four, _, _ = made
     store = copy(four, tmp_path / "s")
     shutil.copyfile(store / SHARDS[1], store / SHARDS[0])
     _seal(store, SHARDS[0])
     assert verify_store(store) == [f"{SHARDS[0]}: shard metadata does not match its place in the layout",
                                    f"{SHARDS[0]}: sample_id not contiguous from 0 (rows permuted or duplicated?)"]
-    shutil.copyfile(store / SHARDS[3], store / SHARDS[0])
+    shutil.copyfile(four / SHARDS[0], store / SHARDS[0])
     _seal(store, SHARDS[0])
-    assert verify_store(store) == [f"{SHARDS[0]}: shard metadata does not match its place in the layout",
-                                   f"{SHARDS[0]}: 1 rows, manifest says 3, layout says 3",
-                                   f"{SHARDS[0]}: sample_id not contiguous from 0 (rows permuted or duplicated?)"]
+    shutil.copyfile(store / SHARDS[3], store / SHARDS[1])
+    _seal(store, SHARDS[1])
+    assert verify_store(store) == [f"{SHARDS[1]}: shard metadata does not match its place in the layout",
+                                   f"{SHARDS[1]}: 1 rows, manifest says 3, layout says 3",
+                                   f"{SHARDS[1]}: sample_id not contiguous from 3 (rows permuted or duplicated?)"]
+    shutil.copyfile(four / SHARDS[1], store / SHARDS[1])
+    _seal(store, SHARDS[1])
+    w = pa.array([[0.0] * 8] * 3, pa.list_(pa.float16(), 8))
+    _rewrite(store, SHARDS[2], lambda t: _set(t, "h_dec", w))
+    [problem] = verify_store(store)
+    assert problem.startswith(f"{SHARDS[2]}: schema differs from the expected one (h_dec float16 x 16): sample_id: ")
     m = json.loads((store / MANIFEST).read_text(encoding="utf-8"))
     settings = {**m["settings"], "seed": 7}
     _edit_manifest(store, lambda m: m.update(settings=settings, fingerprint=fingerprint_of(settings)))
@@ -222,3 +231,23 @@ def test_a_one_sample_store_is_sound(tmp_path):
     inputs = load_inputs(*make_inputs(tmp_path / "in", n_users=1, per_user=1))
     run_dump(DumpConfig(shard_rows=1), inputs, FakeBackend(), FAKE_TEACHER, tmp_path / "s")
     assert verify_store(tmp_path / "s") == []
+
+
+def test_a_shard_of_three_record_batches_is_checked_across_them(tmp_path):
+    """verify_store streams a shard 1,024 rows at a time. Fails if sample ids are not followed across batches
+    (a contiguous shard of 2,100 rows then reads as permuted) or if bad rows of different batches are not
+    added up."""
+    from pipeline.store import StoreSpec, StoreWriter
+    from tests.test_mut_store_writer import synthetic_table
+
+    out = tmp_path / "s"
+    w = StoreWriter(out, StoreSpec({"k": 2}, n_samples=2100, shard_rows=2100, hidden_size=2))
+    table = synthetic_table(2100)
+    w.write_shard(0, table)
+    w.write_manifest()
+    assert verify_store(out) == []
+    ranking = [[0, 1]] * 2100
+    ranking[5] = ranking[2090] = [1, 1]
+    w.write_shard(0, _set(table, "ranking", pa.array(ranking, pa.list_(pa.int16()))))
+    w.write_manifest()
+    assert verify_store(out) == [f"{ONE}: 2 ranking(s) are not permutations of 0..1"]
