@@ -235,19 +235,50 @@ def test_a_one_sample_store_is_sound(tmp_path):
 
 def test_a_shard_of_three_record_batches_is_checked_across_them(tmp_path):
     """verify_store streams a shard 1,024 rows at a time. Fails if sample ids are not followed across batches
-    (a contiguous shard of 2,100 rows then reads as permuted) or if bad rows of different batches are not
-    added up."""
+    (a contiguous shard of 2,100 rows then reads as permuted) or if the bad rows of each kind found in the
+    first and the third batch are not added up (one user whose 2,100 training positions are the rows)."""
+    import polars as pl
+
+    from pipeline.data.prepared import write_prepared
     from pipeline.store import StoreSpec, StoreWriter
     from tests.test_mut_store_writer import synthetic_table
 
+    n = 2100
+    items = pl.DataFrame({"item_idx": np.arange(1, n + 3), "item_id": [f"i{i}" for i in range(1, n + 3)],
+                          "title": [f"t{i}" for i in range(1, n + 3)], "text": [""] * (n + 2)})
+    seqs = pl.DataFrame([{"user_idx": 0, "user_id": "u0", "train": list(range(1, n + 1)), "valid": n + 1,
+                          "test": n + 2}])
+    write_prepared(tmp_path / "prepared", seqs, items, {})
+    prepared = load_prepared(tmp_path / "prepared")
     out = tmp_path / "s"
-    w = StoreWriter(out, StoreSpec({"k": 2}, n_samples=2100, shard_rows=2100, hidden_size=2))
-    table = synthetic_table(2100)
+    w = StoreWriter(out, StoreSpec({"k": 2, "prepared_fingerprint": prepared.fingerprint}, n_samples=n, shard_rows=n,
+                                   hidden_size=2))
+    table = _set(synthetic_table(n), "position", pa.array(np.arange(n), pa.int32()))
+    table = _set(table, "target", pa.array(np.arange(1, n + 1), pa.int32()))
     w.write_shard(0, table)
     w.write_manifest()
-    assert verify_store(out) == []
-    ranking = [[0, 1]] * 2100
-    ranking[5] = ranking[2090] = [1, 1]
-    w.write_shard(0, _set(table, "ranking", pa.array(ranking, pa.list_(pa.int16()))))
+    assert verify_store(out, prepared) == []
+
+    def bad(column: str, value, kind=None):
+        values = table.column(column).to_pylist()
+        values[5] = values[2090] = value
+        return pa.array(values, kind or table.schema.field(column).type)
+    for column, value in (("ranking", [1, 1]), ("status", "weird"), ("h_dec", [float("nan"), 0.0]), ("target", 0)):
+        table = _set(table, column, bad(column, value))
+    w.write_shard(0, table)
     w.write_manifest()
-    assert verify_store(out) == [f"{ONE}: 2 ranking(s) are not permutations of 0..1"]
+    assert verify_store(out, prepared) == [
+        f"{ONE}: 2 ranking(s) are not permutations of 0..1",
+        f"{ONE}: 2 row(s) with a status other than {', '.join(STATUSES)}",
+        f"{ONE}: 2 row(s) with a non-finite h_dec",
+        f"{ONE}: 2 row(s) whose user/position/target are not in the given prepared data",
+    ]
+
+
+def test_a_shard_whose_every_status_is_unknown_counts_every_row(made, tmp_path):
+    """Fails if a batch with no known status at all is miscounted (the number of known statuses is then 0,
+    not missing)."""
+    _, four, _, _ = made
+    store = copy(four, tmp_path / "s")
+    _rewrite(store, SHARDS[3], lambda t: _set(t, "status", pa.array(["weird"], pa.string())))
+    assert verify_store(store) == [f"{SHARDS[3]}: 1 row(s) with a status other than {', '.join(STATUSES)}"]
