@@ -126,13 +126,16 @@ MALFORMED = f"{MANIFEST}: malformed (missing or invalid: dtype, sizes, k or shar
     (lambda m: m["shards"][1].pop("sha256"), [MALFORMED]),
     (lambda m: m["shards"].__setitem__(2, "part-00002-of-00004.parquet"), [MALFORMED]),
     (_set_key("n_shards", 5), [f"{MANIFEST}: n_shards 5, the layout has 4"]),
+    (_set_key("complete", False), [f"{MANIFEST}: store is incomplete: 4 of 4 shards listed"]),
+    (lambda m: [e.pop(k) for e in m["shards"] for k in ("index", "size")], []),
     (lambda m: m["settings"].update(seed=7), [f"{MANIFEST}: fingerprint does not match its settings (edited by hand?)"]
      + [f"{s}: fingerprint in the shard metadata differs from the manifest (a shard of another store?)" for s in SHARDS]),
 ], ids=["missing", "settings-not-object", "dtype", "shard-rows", "n-samples", "hidden-size", "k", "entry-key",
-        "entry-not-object", "n-shards", "fingerprint"])
+        "entry-not-object", "n-shards", "not-complete", "minimal-entries", "fingerprint"])
 def test_a_malformed_or_inconsistent_manifest_is_named_exactly(made, tmp_path, edit, expected):
     """Fails if a manifest problem is missed, reported in other words, or if the malformed manifest's missing
-    fields are not listed by name (in the manifest's order) where they are known."""
+    fields are not listed by name (in the manifest's order) where they are known; or if shard entries with
+    only the keys a reader needs (name, rows, sha256) are called malformed."""
     _, four, _, _ = made
     store = copy(four, tmp_path / "s")
     _edit_manifest(store, edit)
@@ -282,3 +285,31 @@ def test_a_shard_whose_every_status_is_unknown_counts_every_row(made, tmp_path):
     store = copy(four, tmp_path / "s")
     _rewrite(store, SHARDS[3], lambda t: _set(t, "status", pa.array(["weird"], pa.string())))
     assert verify_store(store) == [f"{SHARDS[3]}: 1 row(s) with a status other than {', '.join(STATUSES)}"]
+
+
+def test_a_sealed_shard_with_a_flipped_page_or_a_torn_footer_is_unreadable_saying_why(made, tmp_path):
+    """Damage whose sha256 was recorded again (so only reading the shard can tell): a flipped byte in an h_dec
+    page and a torn footer. Fails if the pages' CRC checksums are not verified, or the problem does not name
+    the exception and its message."""
+    from tests.test_store_corruption import column_offset
+
+    _, four, _, _ = made
+    store = copy(four, tmp_path / "s")
+    data = bytearray((store / SHARDS[1]).read_bytes())
+    data[column_offset(store / SHARDS[1], "h_dec")] ^= 0xFF
+    (store / SHARDS[1]).write_bytes(bytes(data))
+    (store / SHARDS[2]).write_bytes((store / SHARDS[2]).read_bytes()[:200])
+    for name in SHARDS[1:3]:
+        _seal(store, name)
+    assert verify_store(store) == [
+        f"{SHARDS[1]}: unreadable (OSError: could not verify page integrity, CRC checksum verification failed "
+        "for page_ordinal 0)",
+        f"{SHARDS[2]}: unreadable (ArrowInvalid: Parquet magic bytes not found in footer. Either the file is "
+        "corrupted or this is not a parquet file.)"]
+
+
+def test_a_float32_store_is_sound(tmp_path):
+    """Fails if the verifier checks every store against the float16 schema (the default h_dec dtype)."""
+    inputs = load_inputs(*make_inputs(tmp_path / "in"))
+    run_dump(DumpConfig(shard_rows=4, h_dec_dtype="float32"), inputs, FakeBackend(), FAKE_TEACHER, tmp_path / "s")
+    assert verify_store(tmp_path / "s") == []
