@@ -15,6 +15,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.data.prepared import load_prepared
+from pipeline.errors import UsageError
 from pipeline.store import MANIFEST, fingerprint_of
 from pipeline.store.check import rankings_are_permutations, verify_store
 from pipeline.teacher.dump import DumpConfig, load_inputs, run_dump
@@ -313,3 +314,26 @@ def test_a_float32_store_is_sound(tmp_path):
     inputs = load_inputs(*make_inputs(tmp_path / "in"))
     run_dump(DumpConfig(shard_rows=4, h_dec_dtype="float32"), inputs, FakeBackend(), FAKE_TEACHER, tmp_path / "s")
     assert verify_store(tmp_path / "s") == []
+
+
+def test_merge_refuses_two_sources_whose_copies_of_a_shard_differ_and_keeps_float32(made, tmp_path):
+    """Two runs with the same settings can still write a shard with other bytes (vLLM's batch-dependent float
+    noise, another machine's kernels). Fails if `cache merge` keeps either copy instead of refusing, naming the
+    shard and both sources, or if a merge of float32 stores is labelled (and so checked) float16."""
+    from pipeline.store.merge import merge_stores
+    from tests.test_mut_store_writer import rewrite_with_other_scores
+
+    prepared, _, _, _ = made
+    inputs = load_inputs(prepared, prepared.parent / "candidates" / "candidates.parquet")
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        run_dump(DumpConfig(shard_rows=4, h_dec_dtype="float32"), inputs, FakeBackend(), FAKE_TEACHER, out)
+    merged = merge_stores(tmp_path / "ab", [a, b])
+    assert merged["h_dec_dtype"] == "float32" and verify_store(tmp_path / "ab") == []
+    name = "part-00001-of-00003.parquet"
+    rewrite_with_other_scores(b / name)
+    _seal(b, name)
+    assert verify_store(b) == []
+    with pytest.raises(UsageError) as e:
+        merge_stores(tmp_path / "ba", [a, b])
+    assert str(e.value) == f"{name} differs between {a} and {b}: the partial runs disagree"
