@@ -21,7 +21,8 @@ from pipeline.store.check import rankings_are_permutations, verify_store
 from pipeline.teacher.dump import DumpConfig, load_inputs, run_dump
 from pipeline.teacher.parse import STATUSES
 from tests.teacher_fixtures import FAKE_TEACHER, FakeBackend, make_inputs
-from tests.test_store_corruption import _edit_manifest, _rewrite, _seal, _set
+from tests.test_mut_store_writer import rewrite_with_other_scores, synthetic_table
+from tests.test_store_corruption import _edit_manifest, _rewrite, _seal, _set, column_offset
 
 SHARDS = [f"part-0000{i}-of-00004.parquet" for i in range(4)]
 ONE = "part-00000-of-00001.parquet"
@@ -245,7 +246,6 @@ def test_a_shard_of_three_record_batches_is_checked_across_them(tmp_path):
 
     from pipeline.data.prepared import write_prepared
     from pipeline.store import StoreSpec, StoreWriter
-    from tests.test_mut_store_writer import synthetic_table
 
     n = 2100
     items = pl.DataFrame({"item_idx": np.arange(1, n + 3), "item_id": [f"i{i}" for i in range(1, n + 3)],
@@ -292,8 +292,6 @@ def test_a_sealed_shard_with_a_flipped_page_or_a_torn_footer_is_unreadable_sayin
     """Damage whose sha256 was recorded again (so only reading the shard can tell): a flipped byte in an h_dec
     page and a torn footer. Fails if the pages' CRC checksums are not verified, or the problem does not name
     the exception and its message."""
-    from tests.test_store_corruption import column_offset
-
     _, four, _, _ = made
     store = copy(four, tmp_path / "s")
     data = bytearray((store / SHARDS[1]).read_bytes())
@@ -321,7 +319,6 @@ def test_merge_refuses_two_sources_whose_copies_of_a_shard_differ_and_keeps_floa
     noise, another machine's kernels). Fails if `cache merge` keeps either copy instead of refusing, naming the
     shard and both sources, or if a merge of float32 stores is labelled (and so checked) float16."""
     from pipeline.store.merge import merge_stores
-    from tests.test_mut_store_writer import rewrite_with_other_scores
 
     prepared, _, _, _ = made
     inputs = load_inputs(prepared, prepared.parent / "candidates" / "candidates.parquet")

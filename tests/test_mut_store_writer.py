@@ -26,6 +26,7 @@ from pipeline.store.format import decodes
 from pipeline.store.lock import release
 from pipeline.teacher.dump import DumpConfig, load_inputs, run_dump
 from tests.teacher_fixtures import FAKE_TEACHER, FakeBackend, make_inputs
+from tests.test_store_corruption import _set, column_offset
 
 SHARDS = [f"part-0000{i}-of-00004.parquet" for i in range(4)]
 LOG = "pipeline.store"
@@ -57,16 +58,12 @@ def rewrite_with_other_scores(path: Path) -> None:
     """The same shard (metadata, rows, layout) with other scores: sound, decodable, but not what was listed."""
     table = pq.read_table(path)
     scores = pa.array([[v + 1.0 for v in row] for row in table.column("scores").to_pylist()], pa.list_(pa.float32()))
-    table = table.set_column(table.schema.get_field_index("scores"), "scores", scores)
-    pq.write_table(table, path, compression="zstd")
+    pq.write_table(_set(table, "scores", scores), path, compression="zstd")
 
 
 def flip_h_dec_page(path: Path) -> None:
-    md = pq.read_metadata(path).row_group(0)
-    col = next(md.column(j) for j in range(md.num_columns) if md.column(j).path_in_schema.startswith("h_dec"))
-    start = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
     data = bytearray(path.read_bytes())
-    data[start + col.total_compressed_size // 2] ^= 0xFF
+    data[column_offset(path, "h_dec")] ^= 0xFF
     path.write_bytes(bytes(data))
 
 
