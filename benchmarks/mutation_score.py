@@ -67,6 +67,19 @@ MODULES: dict[str, tuple[str, list[str]]] = {
                                               "tests/test_mut_candidates.py"]),
     "sequences": ("pipeline/data/sequences.py", ["tests/test_sasrec.py", "tests/test_mut_sequences.py"]),
     "prepare": ("pipeline/data/prepare.py", ["tests/test_prepare.py", "tests/test_mut_prepare.py"]),
+    # Stage two's reader of the store: what every distilled student trains on.
+    "teacher_stream": ("pipeline/student/teacher_stream.py",
+                       ["tests/test_distill.py", "tests/test_perf_stream.py", "tests/test_status_filters.py",
+                        "tests/test_mut_teacher_stream.py"]),
+    # Who may write a store at once. The race tests of test_store_faults start fresh interpreters (unseen);
+    # its crash tests and the writer's tests fork, so their children run the mutant.
+    "store_lock": ("pipeline/store/lock.py", [*_STORE_TESTS, "tests/test_mut_store_lock.py"]),
+    # The teacher's own quality on its candidates (evaluate's teacher report).
+    "teacher_quality": ("pipeline/evaluation/teacher_quality.py",
+                        ["tests/test_evaluate.py::test_teacher_quality_on_hand_made_samples", "tests/test_status_filters.py",
+                         "tests/test_teacher_generate.py::test_teacher_report_counts_no_decision_and_cut_rows"]),
+    # --dtype auto on a CPU: flags first, then a cached matmul probe (issue 10).
+    "dtype_choice": ("pipeline/teacher/dtype_choice.py", ["tests/test_dtype_choice.py", "tests/test_mut_dtype_choice.py"]),
 }
 
 # mutmut's exit codes per mutant (mutmut/stats.py): 1 and 3 killed, 0 survived, 33/5 no tests ran it,
