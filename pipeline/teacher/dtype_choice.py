@@ -43,10 +43,10 @@ class DtypeChoice:
         return str(self.dtype).removeprefix("torch.")
 
 
-def cpu_info() -> tuple[str, frozenset[str]]:
-    """(model name, flags) of the first CPU in /proc/cpuinfo; empty where it cannot be read."""
+def cpu_info(path: Path = Path("/proc/cpuinfo")) -> tuple[str, frozenset[str]]:
+    """(model name, flags) of the first CPU in /proc/cpuinfo (or `path`); empty where it cannot be read."""
     try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        text = path.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return platform.processor() or platform.machine(), frozenset()
     model, flags = "", frozenset()
