@@ -77,7 +77,11 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     # The teacher's own quality on its candidates (evaluate's teacher report).
     "teacher_quality": ("pipeline/evaluation/teacher_quality.py",
                         ["tests/test_evaluate.py::test_teacher_quality_on_hand_made_samples", "tests/test_status_filters.py",
-                         "tests/test_teacher_generate.py::test_teacher_report_counts_no_decision_and_cut_rows"]),
+                         "tests/test_teacher_generate.py::test_teacher_report_counts_no_decision_and_cut_rows",
+                         "tests/test_mut_teacher_quality.py"]),
+    # Student checkpoints (a kill at any point leaves none loadable as complete) and the prepared-data store.
+    "checkpoint": ("pipeline/student/checkpoint.py", ["tests/test_checkpoint.py"]),
+    "prepared": ("pipeline/data/prepared.py", ["tests/test_prepare.py", "tests/test_mut_prepare.py"]),
     # --dtype auto on a CPU: flags first, then a cached matmul probe (issue 10).
     "dtype_choice": ("pipeline/teacher/dtype_choice.py", ["tests/test_dtype_choice.py", "tests/test_mut_dtype_choice.py"]),
 }
