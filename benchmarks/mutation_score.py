@@ -80,8 +80,9 @@ MODULES: dict[str, tuple[str, list[str]]] = {
                          "tests/test_teacher_generate.py::test_teacher_report_counts_no_decision_and_cut_rows",
                          "tests/test_mut_teacher_quality.py"]),
     # Student checkpoints (a kill at any point leaves none loadable as complete) and the prepared-data store.
-    "checkpoint": ("pipeline/student/checkpoint.py", ["tests/test_checkpoint.py"]),
-    "prepared": ("pipeline/data/prepared.py", ["tests/test_prepare.py", "tests/test_mut_prepare.py"]),
+    "checkpoint": ("pipeline/student/checkpoint.py", ["tests/test_checkpoint.py", "tests/test_mut_checkpoint.py"]),
+    "prepared": ("pipeline/data/prepared.py", ["tests/test_prepare.py", "tests/test_mut_prepare.py",
+                                              "tests/test_mut_prepared.py"]),
     # --dtype auto on a CPU: flags first, then a cached matmul probe (issue 10).
     "dtype_choice": ("pipeline/teacher/dtype_choice.py", ["tests/test_dtype_choice.py", "tests/test_mut_dtype_choice.py"]),
 }
