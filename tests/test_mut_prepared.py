@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.data.prepared import (ITEMS, SEQUENCES, SUMMARY, _host_neutral, file_identity, fingerprint,
@@ -69,6 +70,8 @@ def test_write_then_load_gives_the_data_back_with_its_types(tmp_path):
     assert dict(stored.schema) == {"user_idx": pl.Int32, "user_id": pl.String, "train": pl.List(pl.Int32),
                                    "valid": pl.Int32, "test": pl.Int32}
     assert pl.read_parquet(out / ITEMS).schema["item_idx"] == pl.Int32
+    for name in (SEQUENCES, ITEMS):
+        assert pq.ParquetFile(out / name).metadata.row_group(0).column(0).compression == "ZSTD"
     p = load_prepared(out)
     assert p.user_ids == ["u0", "u 1", "u2"] and p.n_users == 3 and p.n_items == 4
     assert [t.tolist() for t in p.train] == [[1, 2, 3], [2], [3, 1, 2, 4, 1]]
@@ -141,13 +144,14 @@ def _installed_top_level() -> tuple[str, str]:
 
 def test_a_file_inside_an_installed_package_is_named_by_package_and_path(tmp_path):
     top, dist = _installed_top_level()
+    sha = hashlib.sha256(b"1,2\n").hexdigest()
     for kind in ("site-packages", "dist-packages"):
-        f = tmp_path / "env" / kind / "outer" / "lib" / kind / top / "data" / "x.csv"  # the innermost wins
-        f.parent.mkdir(parents=True)
-        f.write_text("1,2\n")
-        sha = hashlib.sha256(b"1,2\n").hexdigest()
-        assert file_identity(f) == {"package": f"{dist}=={importlib.metadata.version(dist)}",
-                                    "name": f"{top}/data/x.csv", "sha256": sha}
+        for inside in (["x.csv"], ["data", "x.csv"], ["data", "sub", "x.csv"]):  # any depth inside the package
+            f = tmp_path / kind / "env" / kind / "outer" / "lib" / kind / top / Path(*inside)  # the innermost wins
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text("1,2\n")
+            assert file_identity(f) == {"package": f"{dist}=={importlib.metadata.version(dist)}",
+                                        "name": "/".join([top, *inside]), "sha256": sha}
 
 
 def test_other_files_are_named_by_name_and_hash_only(tmp_path):
