@@ -13,19 +13,14 @@ from safetensors.torch import load_file
 from pipeline.errors import UsageError
 from pipeline.student.checkpoint import COMPLETE, CONFIG, WEIGHTS, check_complete, load_student, save_student
 from pipeline.store import sha256_file
-from pipeline.student.sasrec import SASRec, SasrecConfig
+from tests.test_checkpoint import _model
 
 RERUN = "rerun `gedistill student-train` to write it again"
 
 
-def _model() -> SASRec:
-    torch.manual_seed(0)
-    return SASRec(SasrecConfig(n_items=20, hidden=8, n_blocks=1, n_heads=1, inner=16, max_len=5))
-
-
 def test_extra_tensors_are_saved_beside_the_weights_and_the_json_files_bytes(tmp_path):
     folder = tmp_path / "runs" / "distilled"  # made, parents and all
-    m = _model()
+    m = _model(0)
     save_student(folder, m, {"run": "x"}, extra_tensors={"projector.weight": torch.full((8, 3), 2.0)})
     stored = load_file(str(folder / WEIGHTS))
     assert torch.equal(stored["projector.weight"], torch.full((8, 3), 2.0))
@@ -41,7 +36,7 @@ def test_extra_tensors_are_saved_beside_the_weights_and_the_json_files_bytes(tmp
 
 @pytest.mark.parametrize("present", [[WEIGHTS], [CONFIG]])
 def test_a_folder_with_some_files_and_no_marker_is_incomplete_not_absent(tmp_path, present):
-    save_student(tmp_path, _model(), {})
+    save_student(tmp_path, _model(0), {})
     (tmp_path / COMPLETE).unlink()
     for name in {WEIGHTS, CONFIG} - set(present):
         (tmp_path / name).unlink()
@@ -60,7 +55,7 @@ def test_no_checkpoint_at_all(tmp_path):
 
 @pytest.mark.parametrize("marker", ["{not json", "[1, 2]", '{"weights_sha256": "x"}'])
 def test_an_unreadable_marker_is_refused(tmp_path, marker):
-    save_student(tmp_path, _model(), {})
+    save_student(tmp_path, _model(0), {})
     (tmp_path / COMPLETE).write_text(marker)
     with pytest.raises(UsageError) as e:
         check_complete(tmp_path)
@@ -70,7 +65,7 @@ def test_an_unreadable_marker_is_refused(tmp_path, marker):
 
 @pytest.mark.parametrize("name", [WEIGHTS, CONFIG])
 def test_a_file_missing_beside_its_marker_is_named(tmp_path, name):
-    save_student(tmp_path, _model(), {})
+    save_student(tmp_path, _model(0), {})
     (tmp_path / name).unlink()
     with pytest.raises(UsageError) as e:
         check_complete(tmp_path)
@@ -79,7 +74,7 @@ def test_a_file_missing_beside_its_marker_is_named(tmp_path, name):
 
 
 def test_a_changed_file_is_named_with_what_to_do(tmp_path):
-    save_student(tmp_path, _model(), {})
+    save_student(tmp_path, _model(0), {})
     (tmp_path / CONFIG).write_text((tmp_path / CONFIG).read_text() + " ")
     with pytest.raises(UsageError) as e:
         check_complete(tmp_path)

@@ -15,11 +15,7 @@ import pytest
 from pipeline.student import teacher_stream
 from pipeline.student.teacher_stream import COLUMNS, TeacherStream, batch_from_arrow, teacher_width
 from tests.distill_helpers import teacher_rows, write_store
-
-
-def _train(n_users=30, length=10, n_items=40, seed=0):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(1, n_items + 1, size=length) for _ in range(n_users)]
+from tests.test_perf_stream import _train
 
 
 @pytest.fixture
