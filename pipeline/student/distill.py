@@ -213,17 +213,18 @@ def check_rows_against_training(shards: list[Path], prepared: Prepared) -> None:
     train = prepared.train
     lengths = np.array([len(t) for t in train], dtype=np.int64)
     flat = np.concatenate([np.asarray(t, dtype=np.int64) for t in train]) if train else np.zeros(0, np.int64)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    starts = np.cumsum(lengths) - lengths
     for path in shards:
         for rb in pq.ParquetFile(path).iter_batches(batch_size=65536, columns=["sample_id", "user_idx", "position", "target"]):
             sid, u, p, t = (rb.column(c).to_numpy(zero_copy_only=False).astype(np.int64)
                             for c in ("sample_id", "user_idx", "position", "target"))
             bad_user = (u < 0) | (u >= len(train))
-            n = np.where(bad_user, 0, lengths[np.where(bad_user, 0, u)])
+            n = np.zeros_like(u)  # only known users' rows index the training arrays (there may be none)
+            n[~bad_user] = lengths[u[~bad_user]]
             leak = ~bad_user & (p >= n)
             ok = ~bad_user & ~leak & (p >= 0)
-            at = np.where(ok, starts[np.where(bad_user, 0, u)] + p, 0)
-            mismatch = ok & (flat[at] != t) if len(flat) else ok
+            mismatch = np.zeros(len(u), dtype=bool)
+            mismatch[ok] = flat[starts[u[ok]] + p[ok]] != t[ok]
             for i in np.flatnonzero(bad_user | leak | (p < 0) | mismatch)[:1]:
                 if leak[i]:
                     why = (f"position {p[i]} is not before the end of user {u[i]}'s training sequence (length {n[i]}): "
