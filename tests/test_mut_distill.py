@@ -486,3 +486,12 @@ def test_the_projection_side_of_the_collapse_check(tmp_path: Path):
         proj = obj.projector(torch.from_numpy(b.h_dec))
     assert logs["proj_norm"] == pytest.approx(float(proj.norm(dim=1).mean()), rel=1e-5)
     assert logs["proj_spread"] == pytest.approx(float(proj.std(dim=0).mean()), rel=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(calibrate=True, gamma_confidence=0.5)])
+def test_the_targets_are_made_on_the_models_device(tmp_path: Path, cfg):
+    """Fails if the ranking, the scores or --calibrate's position means stay on the CPU when training runs on
+    another device (PyTorch's `meta` device stands in for a GPU: no data, the same device checks)."""
+    obj, prepared = _objective(tmp_path, ROWS, **cfg)
+    out = obj.targets(_batch([(0, 3, int(prepared.train[0][3]))]), "meta")
+    assert [t.device.type for t in out if t is not None] == ["meta"] * (3 if cfg else 2)
