@@ -18,8 +18,12 @@ across shards"):
   entries each by default, about 2.4 MB per new padded width. Every batch of a shard has a new width, so
   the dump's live heap grew ~2.2 MB per batch until the caches were full (+111 MB over one 943-row
   shard; part of the +0.5 GB from 1 to 4 such shards). A batch's layers share one shape, so a few entries
-  are all a forward reuses; 32 bound them. Set only if the environment does not, and effective only when
-  set before the process's first oneDNN kernel.
+  are all a forward reuses. 4 bound them: the entries that do stay live across batches also split the heap's
+  free blocks, so fewer of them means less fragmentation too. Over 15 shards of 64 rows on a Xeon with AMX,
+  glibc's heap grew +136 to +172 MiB and the per-shard peak RSS +103 to +200 MiB at 4, against +454 to +498
+  and +203 to +440 at 32, in 0.93-0.96x the time; 1 entry thrashes (1.2x the time), 8 sits between
+  (BENCHMARKS.md, "kernel caches at 4 entries"). Set only if the environment does not, and effective only
+  when set before the process's first oneDNN kernel.
 - release_heap: the kept heap fragments (each shard starts again with its widest batch, and glibc's free
   chunks no longer fit it), so RSS grew ~100-150 MB per shard although the live heap did not.
   malloc_trim(0) every TRIM_EVERY batches and after each shard hands every free page back: four shards of
@@ -47,7 +51,7 @@ ENV_OFF = "GEDISTILL_KEEP_HEAP"
 TRIM_EVERY = 4  # batches between two release_heap calls within a shard
 ENV_TRIM = "GEDISTILL_TRIM_EVERY"  # for side-by-side runs: N batches, 0 = only at the end of a shard
 _USER_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
-KERNEL_CACHE_CAPACITY = 32
+KERNEL_CACHE_CAPACITY = 4
 # read once, at the process's first oneDNN kernel; the older DNNL_ name counts as the user's choice too
 _CACHE_SETTINGS = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": ("DNNL_PRIMITIVE_CACHE_CAPACITY",), "LRU_CACHE_CAPACITY": ()}
 
