@@ -132,6 +132,10 @@ def test_kernel_caches_the_users_settings_win(monkeypatch):
     monkeypatch.setattr(os, "environ", env)
     assert heap.bound_kernel_caches().startswith("kernel caches bounded at 4 ")
     assert env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == env["LRU_CACHE_CAPACITY"] == "4"
+    env = {}
+    monkeypatch.setattr(os, "environ", env)
+    assert heap.bound_kernel_caches(heap.TRAINING_KERNEL_CACHE_CAPACITY).startswith("kernel caches bounded at 32 ")
+    assert env == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "32", "LRU_CACHE_CAPACITY": "32"}
     env = {"DNNL_PRIMITIVE_CACHE_CAPACITY": "7", "LRU_CACHE_CAPACITY": "9"}  # the older oneDNN name counts too
     monkeypatch.setattr(os, "environ", env)
     assert heap.bound_kernel_caches() == "kernel caches left as the environment sets them"

@@ -31,11 +31,11 @@ def test_run_tune_depends_on_its_seed_not_on_the_process_random_state(tiny_tune_
                                         target_modules=("q_proj", "v_proj", "down_proj")))
     calls: list[str] = []
     real_bound, real_choose = heap.bound_kernel_caches, dtype_choice.choose_dtype
-    monkeypatch.setattr(heap, "bound_kernel_caches", lambda: calls.append("caches") or real_bound())
+    monkeypatch.setattr(heap, "bound_kernel_caches", lambda *a: calls.append(f"caches {a}") or real_bound(*a))
     monkeypatch.setattr(dtype_choice, "choose_dtype", lambda *a, **k: calls.append("dtype") or real_choose(*a, **k))
 
     first = run_tune(cfg, prepared, student, tmp_path / "first")
-    assert calls == ["caches", "dtype"]
+    assert calls == ["caches (32,)", "dtype"]  # a training step's capacity, not teacher-dump's 4 (heap.py)
     torch.rand(1000)  # the process's generator is elsewhere now
     second = run_tune(cfg, prepared, student, tmp_path / "second")
     assert first["dtype"] == second["dtype"] == "bfloat16"

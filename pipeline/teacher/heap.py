@@ -51,7 +51,11 @@ ENV_OFF = "GEDISTILL_KEEP_HEAP"
 TRIM_EVERY = 4  # batches between two release_heap calls within a shard
 ENV_TRIM = "GEDISTILL_TRIM_EVERY"  # for side-by-side runs: N batches, 0 = only at the end of a shard
 _USER_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
-KERNEL_CACHE_CAPACITY = 4
+KERNEL_CACHE_CAPACITY = 4  # teacher-dump's forwards
+# teacher-tune's training step: its backward adds kernels of other shapes (data and weight gradients) to every
+# layer, and at 4 entries they evict each other: benchmarks/bench_tune_step.py's step took 1.9-2.6x the time at 4
+# against 32, its autocast forward 1.1-1.6x (BENCHMARKS.md, "kernel caches at 4 entries").
+TRAINING_KERNEL_CACHE_CAPACITY = 32
 # read once, at the process's first oneDNN kernel; the older DNNL_ name counts as the user's choice too
 _CACHE_SETTINGS = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": ("DNNL_PRIMITIVE_CACHE_CAPACITY",), "LRU_CACHE_CAPACITY": ()}
 
@@ -85,16 +89,17 @@ def keep_heap() -> str:
     return why
 
 
-def bound_kernel_caches() -> str:
-    """Cap oneDNN's and ideep's per-shape kernel caches at KERNEL_CACHE_CAPACITY entries, unless the
-    environment sets them. Takes effect only before the process's first oneDNN kernel (HFTeacher calls
-    it before loading the model); returns what was done (also logged)."""
+def bound_kernel_caches(capacity: int = KERNEL_CACHE_CAPACITY) -> str:
+    """Cap oneDNN's and ideep's per-shape kernel caches at `capacity` entries (KERNEL_CACHE_CAPACITY for
+    inference, TRAINING_KERNEL_CACHE_CAPACITY for a training step), unless the environment sets them. Takes
+    effect only before the process's first oneDNN kernel (HFTeacher calls it before loading the model);
+    returns what was done (also logged)."""
     chosen = []
     for name, aliases in _CACHE_SETTINGS.items():
         if not any(k in os.environ for k in (name, *aliases)):
-            os.environ[name] = str(KERNEL_CACHE_CAPACITY)
+            os.environ[name] = str(capacity)
             chosen.append(name)
-    why = (f"kernel caches bounded at {KERNEL_CACHE_CAPACITY} entries ({', '.join(chosen)})" if chosen
+    why = (f"kernel caches bounded at {capacity} entries ({', '.join(chosen)})" if chosen
            else "kernel caches left as the environment sets them")
     log.info("%s", why)
     return why

@@ -143,7 +143,7 @@ def run_tune(cfg: TuneRunConfig, prepared: Path, student: Path, out: Path,
 
     from pipeline.teacher.convert import resolve_teacher
     from pipeline.teacher.dtype_choice import choose_dtype
-    from pipeline.teacher.heap import bound_kernel_caches
+    from pipeline.teacher.heap import TRAINING_KERNEL_CACHE_CAPACITY, bound_kernel_caches
 
     data = load_prepared(prepared)
     retriever, meta = load_student(student)
@@ -153,8 +153,8 @@ def run_tune(cfg: TuneRunConfig, prepared: Path, student: Path, out: Path,
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         # before the first oneDNN kernel (choose_dtype's probe): every new padded width would otherwise keep
-        # its kernels for good, as in teacher-dump (heap.bound_kernel_caches)
-        bound_kernel_caches()
+        # its kernels for good, as in teacher-dump (heap.bound_kernel_caches); a training step needs more entries
+        bound_kernel_caches(TRAINING_KERNEL_CACHE_CAPACITY)
     choice = choose_dtype(cfg.dtype, device)
     log.info("teacher %s; compute dtype %s (%s)", source.location, choice.name, choice.reason)
     tokenizer = AutoTokenizer.from_pretrained(source.location)
