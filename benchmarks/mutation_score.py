@@ -83,6 +83,9 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "checkpoint": ("pipeline/student/checkpoint.py", ["tests/test_checkpoint.py", "tests/test_mut_checkpoint.py"]),
     "prepared": ("pipeline/data/prepared.py", ["tests/test_prepare.py", "tests/test_mut_prepare.py",
                                               "tests/test_mut_prepared.py"]),
+    # The student itself: the encoder, its masks, dropout and attention ops (same bits as torch's), scoring.
+    "sasrec": ("pipeline/student/sasrec.py", ["tests/test_sasrec.py", "tests/test_perf_distill_ops.py",
+                                              "tests/test_train.py", "tests/test_checkpoint.py", "tests/test_mut_sasrec.py"]),
     # --dtype auto on a CPU: flags first, then a cached matmul probe (issue 10).
     "dtype_choice": ("pipeline/teacher/dtype_choice.py", ["tests/test_dtype_choice.py", "tests/test_mut_dtype_choice.py"]),
 }
