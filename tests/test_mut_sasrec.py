@@ -154,6 +154,7 @@ def test_initialisation_is_recboles():
         if isinstance(mod, torch.nn.LayerNorm):
             assert mod.eps == 1e-12, name
             assert torch.equal(mod.weight, torch.ones_like(mod.weight)), name
+            assert torch.equal(mod.bias, torch.zeros_like(mod.bias)), name
 
 
 def test_too_long_a_sequence_is_refused_naming_the_limit():
