@@ -124,9 +124,11 @@ def test_the_stream_keeps_failed_rows_when_asked(tmp_path):
     cols = teacher_rows(_train(n_users=4), 40, k=5, width=8, last_m=3)  # 12 rows
     cols["status"] = ["failed"] * 12
     shards = write_store(tmp_path, cols, shards=1, row_group_rows=12)
+    stream = TeacherStream(shards, 4, buffer_rows=8, seed=0)
     with pytest.raises(ValueError) as e:
-        next(iter(TeacherStream(shards, 4, buffer_rows=8, seed=0)))
+        next(iter(stream))
     assert str(e.value) == "the teacher store holds no usable rows (all failed or empty histories)"
+    assert (stream.passes, stream.rows_read) == (1, 12)  # one pass tells: a second reads the same rows again
     b = next(iter(TeacherStream(shards, 4, buffer_rows=8, seed=0, skip_failed=False)))
     assert len(b) == 4
 

@@ -168,7 +168,6 @@ class TeacherStream:
 
     def __iter__(self) -> Iterator[TeacherBatch]:
         buffer: TeacherBatch | None = None
-        empty_passes = 0
         while True:
             got_rows = False
             for chunk in self._chunks():
@@ -181,11 +180,8 @@ class TeacherStream:
                     for b in range(n_emit):
                         yield buffer.take(np.arange(b * self.batch_size, (b + 1) * self.batch_size))
                     buffer = buffer.take(np.arange(n_emit * self.batch_size, len(buffer)))
-            if not got_rows:
-                empty_passes += 1
-                if empty_passes > 1:
-                    raise ValueError("the teacher store holds no usable rows (all failed or empty histories)")
-                continue
+            if not got_rows:  # a whole pass gave nothing: every later pass reads the same rows
+                raise ValueError("the teacher store holds no usable rows (all failed or empty histories)")
             # end of a pass: a store smaller than the buffer is reshuffled and emitted here;
             # the remainder (< batch_size) carries into the next pass
             if buffer is not None and len(buffer) >= self.batch_size:
