@@ -86,6 +86,10 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     # The student itself: the encoder, its masks, dropout and attention ops (same bits as torch's), scoring.
     "sasrec": ("pipeline/student/sasrec.py", ["tests/test_sasrec.py", "tests/test_perf_distill_ops.py",
                                               "tests/test_train.py", "tests/test_checkpoint.py", "tests/test_mut_sasrec.py"]),
+    # The student's training loop: the next-item loss, ranking for validation/test, the two-branch gradients,
+    # the epoch loop and early stopping (test_concurrent_distill's installed-command test is marked slow: not run).
+    "train": ("pipeline/student/train.py", ["tests/test_train.py", "tests/test_perf_distill_ops.py",
+                                            "tests/test_concurrent_distill.py", "tests/test_mut_train.py"]),
     # --dtype auto on a CPU: flags first, then a cached matmul probe (issue 10).
     "dtype_choice": ("pipeline/teacher/dtype_choice.py", ["tests/test_dtype_choice.py", "tests/test_mut_dtype_choice.py"]),
 }
