@@ -11,15 +11,19 @@ Each test names the break it catches. The references are written out here, not c
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import re
+import time
 
 import numpy as np
 import polars as pl
 import pytest
+import rich.progress
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 
 import pipeline.student.train as train_mod
 from pipeline.data.prepared import load_prepared, write_prepared
@@ -63,6 +67,11 @@ def _model(dropout: float = 0.0, seed: int = 0) -> SASRec:
 def _windows(prepared):
     X, Y = training_windows(prepared.train, MAX_LEN)
     return torch.from_numpy(X), torch.from_numpy(Y)
+
+
+def _steps(prepared, batch_size: int) -> int:
+    """Optimizer steps in one epoch: every window once, the last batch possibly short."""
+    return math.ceil(len(training_windows(prepared.train, MAX_LEN)[0]) / batch_size)
 
 
 def test_ce_loss_is_cross_entropy_over_real_items_at_target_positions(prepared):
@@ -111,25 +120,21 @@ def test_bce_loss_uses_the_generators_negatives_from_real_items(prepared, n_neg)
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
 
 
-def test_bce_negatives_cover_every_real_item_and_never_padding(prepared):
+def test_bce_negatives_cover_every_real_item_and_never_padding(prepared, monkeypatch):
     """Caught: the range shifted by one at either end (padding drawn, or the last item never drawn)."""
     m = _model().eval()
     seen = []
     real = torch.randint
 
     def spy(*a, **kw):
-        out = real(*a, **kw)
-        seen.append(out)
-        return out
+        seen.append(real(*a, **kw))
+        return seen[-1]
 
+    monkeypatch.setattr(torch, "randint", spy)
     X, Y = _windows(prepared)
     gen = torch.Generator().manual_seed(0)
-    try:
-        torch.randint = spy
-        for _ in range(30):
-            next_item_loss(m, X, Y, "bce", 4, gen)
-    finally:
-        torch.randint = real
+    for _ in range(30):
+        next_item_loss(m, X, Y, "bce", 4, gen)
     drawn = torch.cat([s.ravel() for s in seen])
     assert int(drawn.min()) == 1 and int(drawn.max()) == N_ITEMS
 
@@ -348,15 +353,15 @@ class _Summed(_Probe):
 def test_two_branch_fit_equals_one_backward_over_the_sum(prepared, w_rec, loss):
     """Caught: a branch's gradient dropped or subtracted, the next-item branch run with w_rec = 0 (or skipped
     with w_rec > 0), its bce negatives not `n_neg` from `gen` (from torch's default generator instead, whose
-    stream the dropout masks share), the objective's step counter
-    wrong, its parameter not trained, the logs not merged."""
+    stream the dropout masks share), the objective's step counter wrong, its parameter not trained, the logs
+    not merged."""
     cfg = TrainConfig(epochs=2, batch_size=16, lr=5e-3, patience=50, w_rec=w_rec, loss=loss, n_neg=3)
     # dropout on: its masks come from torch's default generator, so negatives drawn there would shift them
     m1, o1 = _model(dropout=0.2, seed=4), _Branch()
     r1 = fit(m1, prepared, cfg, objective=o1, show_progress=False)
     m2, o2 = _model(dropout=0.2, seed=4), _Summed()
     r2 = fit(m2, prepared, cfg, objective=o2, show_progress=False)
-    steps = math.ceil(len(training_windows(prepared.train, MAX_LEN)[0]) / 16)
+    steps = _steps(prepared, 16)
     assert o1.steps == list(range(2 * steps)) == o2.steps
     for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), k
@@ -399,15 +404,10 @@ def test_the_progress_bar_shows_epoch_steps_loss_and_times_then_clears(prepared,
     time), the epoch or the step total not set on reset, steps advanced by other than one, the loss text or
     the description replaced, the bar left on screen when training ends (transient), a bar drawn when
     show_progress=False."""
-    import io
-
-    import rich.progress
-    from rich.console import Console
-
     buf = io.StringIO()
     console = Console(file=buf, force_terminal=True, width=120, color_system=None)
     monkeypatch.setattr(rich.progress, "get_console", lambda: console)
-    steps = math.ceil(len(training_windows(prepared.train, MAX_LEN)[0]) / 16)
+    steps = _steps(prepared, 16)
     fit(_model(), prepared, TrainConfig(epochs=2, batch_size=16, patience=5))  # show_progress left at its default
     raw = buf.getvalue()
     frames = [f for f in raw.split("\r\x1b[2K") if f and not f.startswith("\x1b[?25l")]
@@ -453,7 +453,7 @@ class _NanAt(_Branch):
 def test_a_diverged_epoch_is_recorded_and_warned_with_its_step(prepared, caplog):
     """Caught: the history row's reason replaced, the warning's wording or reason dropped, the first-epoch
     error's advice changed."""
-    steps = math.ceil(len(training_windows(prepared.train, MAX_LEN)[0]) / 16)
+    steps = _steps(prepared, 16)
     with caplog.at_level(logging.INFO, logger="pipeline.student.train"):
         res = fit(_model(), prepared, TrainConfig(epochs=4, batch_size=16, patience=5), objective=_NanAt(steps + 1),
                   show_progress=False)
@@ -469,8 +469,6 @@ def test_a_diverged_epoch_is_recorded_and_warned_with_its_step(prepared, caplog)
 
 def test_train_seconds_is_the_epochs_own_time(prepared):
     """Caught: the epoch's start added instead of subtracted (a time since boot)."""
-    import time
-
     t0 = time.perf_counter()
     res = fit(_model(), prepared, TrainConfig(epochs=2, batch_size=16, patience=5), show_progress=False)
     wall = time.perf_counter() - t0
@@ -478,7 +476,7 @@ def test_train_seconds_is_the_epochs_own_time(prepared):
     assert sum(r["train_seconds"] for r in res.history) < wall
 
 
-def test_validation_during_training_is_unmasked(prepared, monkeypatch):
+def test_validation_during_training_is_unmasked(prepared):
     """Caught: evaluate's default turned to the masked protocol, which fit's validation (and early stopping)
     would then use silently."""
     m = _model(seed=2)
