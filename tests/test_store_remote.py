@@ -217,6 +217,10 @@ def test_bad_uris_are_refused_before_the_teacher_loads(s3, world, tmp_path):
         assert "FAKE TEACHER LOADED" not in r.stdout, args
     v = gedistill(s3, "cache", "verify", "s3://bkt/nothing-here")
     assert v.returncode == 2 and "not a teacher store" in v.stderr
+    # pyarrow's own error quotes the URI as given: the password must not reach the terminal (it did before 2026-12-02)
+    v = gedistill(s3, "cache", "verify", "nosuch://me:Hunter2pw@x/y?secret_key=Zq9key")
+    assert v.returncode == 2 and "pyarrow.fs cannot open" in v.stderr, v.stderr
+    assert "Hunter2pw" not in v.stderr + v.stdout and "Zq9key" not in v.stderr + v.stdout
 
 
 def test_file_uri_store_and_a_kill_mid_upload_leave_no_torn_file(s3, world, tmp_path):

@@ -72,6 +72,18 @@ def display(uri: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def _scrub(text: str, uri: str) -> str:
+    """pyarrow's error text with the URI's credentials taken out (its messages quote the URI as given)."""
+    parts = urlsplit(uri)
+    secrets = [v for k, v in parse_qsl(parts.query, keep_blank_values=True) if k in _SECRET_KEYS]
+    userinfo = parts.netloc.rpartition("@")[0]
+    secrets += [userinfo, *userinfo.split(":")] if userinfo else []
+    text = text.replace(uri, display(uri))
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
 def cache_root() -> Path:
     """Local copies of remote stores: `$GEDISTILL_CACHE/remote` (default ~/.cache/gedistill/remote)."""
     return Path(os.environ.get("GEDISTILL_CACHE", "~/.cache/gedistill")).expanduser() / "remote"
@@ -89,8 +101,9 @@ class Remote:
         try:
             self.fs, path = pafs.FileSystem.from_uri(uri)
         except (pa.ArrowException, OSError, ValueError) as e:
-            raise UsageError(f"{self.name}: pyarrow.fs cannot open this location ({e}); give a local directory or a "
-                             "URI such as s3://bucket/prefix, gs://bucket/prefix or file:///absolute/path") from None
+            raise UsageError(f"{self.name}: pyarrow.fs cannot open this location ({_scrub(str(e), uri)}); give a "
+                             "local directory or a URI such as s3://bucket/prefix, gs://bucket/prefix or "
+                             "file:///absolute/path") from None
         self.path = path.rstrip("/")
         if not self.path:
             raise UsageError(f"{self.name}: give a prefix inside the bucket (s3://bucket/teacher), not a bare root")
@@ -102,12 +115,13 @@ class Remote:
     def local_dir(self, base: Path | None = None) -> Path:
         """The staging / read-cache directory of this URI: one per location, named so a person can tell."""
         digest = hashlib.sha256(f"{self.fs.type_name}|{self.name}".encode()).hexdigest()[:16]
-        tail = re.sub(r"[^A-Za-z0-9._-]+", "_", self.path.strip("/").rsplit("/", 1)[-1])[:40] or "store"
+        tail = re.sub(r"[^A-Za-z0-9._-]+", "_", self.path.strip("/").rsplit("/", 1)[-1])[:40]  # never empty
         return Path(base) if base is not None else cache_root() / f"{tail}-{digest}"
 
     def _io(self, what: str, e: Exception) -> UsageError:
-        return UsageError(f"{self.name}: cannot {what} ({e}); check the URI, the credentials (e.g. AWS_ACCESS_KEY_ID, "
-                          "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL) and that the bucket exists")
+        return UsageError(f"{self.name}: cannot {what} ({_scrub(str(e), self.uri)}); check the URI, the "
+                          "credentials (e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL) and that the "
+                          "bucket exists")
 
     def list(self) -> dict[str, int]:
         """name -> size of the objects directly under the prefix (none when it does not exist yet)."""
@@ -223,9 +237,9 @@ class RemoteWriter(StoreWriter):
     def __init__(self, uri: str, spec: StoreSpec, replace_mismatched: bool = False,
                  staging: Path | None = None) -> None:
         self.remote = Remote(uri)
+        self.remote.check_writable()  # creates the prefix on a file system (file://, HDFS), where uploads need it
         self.spec = spec
         self._uploaded: dict[str, dict[str, Any]] = {}  # name -> manifest entry of what this process uploaded
-        self._remote_ok: set[str] = set()  # listed remotely, and the object's size and sha256 checked
         self._remote_bad: set[str] = set()  # listed remotely, but the object is missing or differs
         listing = self.remote.list()
         manifest = self.remote.read_manifest()
@@ -282,7 +296,6 @@ class RemoteWriter(StoreWriter):
             name = self.path(i).name
             entry = listed.get(name)
             if entry is not None and self._remote_matches(name, entry):
-                self._remote_ok.add(name)
                 continue
             if entry is not None:
                 self._remote_bad.add(name)
