@@ -90,6 +90,11 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     # the epoch loop and early stopping (test_concurrent_distill's installed-command test is marked slow: not run).
     "train": ("pipeline/student/train.py", ["tests/test_train.py", "tests/test_perf_distill_ops.py",
                                             "tests/test_concurrent_distill.py", "tests/test_mut_train.py"]),
+    # A store at a URI (s3://, gs://, file://): publishing, resuming and downloading it. test_store_remote runs
+    # every command in a subprocess (unseen by mutmut; listed so that the score says so); the in-process tests
+    # are test_mut_remote's, on file:// URIs, and the writer's, which open local stores through open_writer.
+    "remote": ("pipeline/store/remote.py", ["tests/test_store_remote.py", "tests/test_mut_store_writer.py",
+                                            "tests/test_store_corruption.py", "tests/test_mut_remote.py"]),
     # --dtype auto on a CPU: flags first, then a cached matmul probe (issue 10).
     "dtype_choice": ("pipeline/teacher/dtype_choice.py", ["tests/test_dtype_choice.py", "tests/test_mut_dtype_choice.py"]),
 }
