@@ -25,7 +25,7 @@ from pipeline.student.sasrec import SASRec
 from pipeline.data.sequences import left_pad
 from pipeline.evaluation.stats import PairedDiff, paired_bootstrap
 from pipeline.store import iter_batches, open_store
-from pipeline.store.remote import materialize_store
+from pipeline.store.remote import materialize_store, shown
 from pipeline.evaluation.teacher_quality import TeacherQuality
 from pipeline.student.train import rank_targets, split_inputs
 from stages.outputs import ensure_writable, write_text_atomic, writing
@@ -188,7 +188,7 @@ def evaluate(
         "summary": f"NDCG@10: {verdicts['ndcg@10']} ({diffs['ndcg@10'].diff:+.4f}, 95% CI "
                    f"[{diffs['ndcg@10'].ci_low:+.4f}, {diffs['ndcg@10'].ci_high:+.4f}])",
         "settings": {"masked": masked, "n_boot": n_boot, "seed": seed, "baseline": str(baseline),
-                     "distilled": str(distilled), "teacher_cache": [str(p) for p in teacher_cache or []]},
+                     "distilled": str(distilled), "teacher_cache": [shown(p) for p in teacher_cache or []]},
     }
     if teacher is not None:
         out["teacher"] = teacher

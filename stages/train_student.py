@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.store.remote import materialize_store
+from pipeline.store.remote import materialize_store, shown
 from pipeline.student.checkpoint import invalidate, save_student
 from pipeline.student.distill import DistillConfig, DistillObjective, init_from_baseline, open_teacher_store
 from pipeline.errors import UsageError
@@ -186,7 +186,7 @@ def student_train(
         shapes = {(st.hidden_size, st.k) for st in stores}
         if len(shapes) > 1:
             raise UsageError(f"the teacher stores differ in (h_dec width, K): {sorted(shapes)}; train on stores of one teacher and K")
-        check_calibrate(dcfg, {p: st.settings.get("mode") for p, st in zip(stores_in, stores)})
+        check_calibrate(dcfg, {shown(p): st.settings.get("mode") for p, st in zip(stores_in, stores)})
         if init == "baseline":
             init_from_baseline(model, baseline, data)
         objective = DistillObjective(dcfg, data, [p for st in stores for p in st.shard_paths], hidden, max_len)
@@ -205,7 +205,7 @@ def student_train(
     # that fails half-way never leaves old weights beside new ranks; the metrics file comes last.
     metrics_path.unlink(missing_ok=True)  # a kill after the new checkpoint must not leave the old run's metrics
     invalidate(out)
-    distill_meta = {"distill": asdict(dcfg), "teacher_cache": [str(p) for p in stores_in]} if dcfg else {}
+    distill_meta = {"distill": asdict(dcfg), "teacher_cache": [shown(p) for p in stores_in]} if dcfg else {}
     with writing(out):
         report = final_report(model, data, out, run, metrics_path, result,
                               {"sasrec": asdict(cfg), "train": asdict(tcfg), **distill_meta})

@@ -96,6 +96,10 @@ def test_what_is_a_uri_and_how_it_is_shown_without_secrets():
                     "&credentials=e&token=f&x=&scheme=http#frag")
     assert shown == "s3://bkt/pre/fix?region=eu&x=&scheme=http#frag"
     assert display("file:///abs/dir") == "file:///abs/dir"
+    # what student-train's config and evaluate's report record: a path as given, a URI without credentials
+    assert remote_mod.shown("s3://KEY:SECRET@bkt/p") == "s3://bkt/p"
+    assert remote_mod.shown(Path("/a/b?c=d")) == "/a/b?c=d"
+    assert remote_mod.shown("rel/x?secret_key=1") == "rel/x?secret_key=1"
 
 
 def test_the_cache_directory_follows_gedistill_cache_then_home(monkeypatch, tmp_path: Path):

@@ -72,6 +72,11 @@ def display(uri: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def shown(location: Any) -> str:
+    """A store location as recorded in reports and configs (shared outputs): a URI without its credentials."""
+    return display(location) if is_uri(location) else str(location)
+
+
 def _scrub(text: str, uri: str) -> str:
     """pyarrow's error text with the URI's credentials taken out (its messages quote the URI as given)."""
     parts = urlsplit(uri)
