@@ -22,7 +22,7 @@ from pipeline.store import MANIFEST
 from pipeline.store.card import CARD, check_card, is_our_card, write_dataset_card
 from pipeline.store.check import verify_store
 from pipeline.store.merge import merge_stores
-from pipeline.store.remote import Remote, display, is_uri, materialize_store
+from pipeline.store.remote import Remote, display, is_uri, materialize_store, shown
 
 app = typer.Typer(help="Inspect, verify and merge teacher stores.", no_args_is_help=True)
 
@@ -59,10 +59,6 @@ PreparedOpt = Annotated[Path | None, typer.Option(
 
 def _prepared(path: Path | None) -> Prepared | None:
     return load_prepared(path) if path is not None else None
-
-
-def _name(store: str) -> str:
-    return display(store) if is_uri(store) else store
 
 
 def _fail(store: Path | str, problems: list[str]) -> None:
@@ -132,7 +128,7 @@ def verify(store: StoreArg, prepared: PreparedOpt = None) -> None:
     """Check manifest, files, checksums, schema, sample ids and rankings (and rows against --prepared), and the
     dataset card's header against the manifest; exit 2 on any problem. A URI's store is downloaded again first."""
     data = _prepared(prepared)
-    local, name = _local(store), _name(store)
+    local, name = _local(store), shown(store)
     problems = verify_store(local, data)
     # The card's front matter is what `datasets` readers of a shared store go by: a stale one (another store's
     # shards or features) is a problem here. Training (open_store) does not read the card and does not check it.
@@ -150,7 +146,7 @@ def card(store: StoreArg) -> None:
     """Write the store's dataset card (README.md: `datasets.load_dataset(DIR)` reads the shards through it)
     after verifying the store; for stores written before cards existed, or a card edited beyond repair.
     At a URI: verified on a fresh local copy, then the card is uploaded."""
-    local, name = _local(store), _name(store)
+    local, name = _local(store), shown(store)
     problems = verify_store(local)
     if problems:
         _fail(name, problems)

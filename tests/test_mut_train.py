@@ -32,6 +32,7 @@ from pipeline.evaluation.metrics import summarize
 from pipeline.student.sasrec import SASRec, SasrecConfig
 from pipeline.student.train import (TrainConfig, _add_grads, _branch_grads, evaluate, fit, next_item_loss,
                                     rank_targets, split_inputs)
+from tests.distill_helpers import script_validation
 
 N_ITEMS = 25
 MAX_LEN = 6
@@ -283,20 +284,6 @@ def test_fit_runs_every_epoch_without_early_stopping_and_ends_in_eval_mode(prepa
     assert res.diverged_epoch is None
 
 
-def _scripted(monkeypatch, series):
-    it = iter(series)
-    real = train_mod.evaluate
-    snaps = []
-
-    def ev(model, prepared, split, masked=False):
-        out = real(model, prepared, split, masked)
-        snaps.append({k: v.clone() for k, v in model.state_dict().items()})
-        return {**out, "ndcg@10": next(it)}
-
-    monkeypatch.setattr(train_mod, "evaluate", ev)
-    return snaps
-
-
 @pytest.mark.parametrize("series,patience,stop,best", [
     ([0.1, 0.3, 0.3, 0.2, 0.3, 0.9], 2, 4, 2),         # a tie is not an improvement
     ([0.1, 0.2, 0.1, 0.3, 0.1, 0.1, 0.9], 2, 6, 4),    # an improvement resets the count
@@ -307,7 +294,7 @@ def test_early_stopping_counts_epochs_without_improvement(prepared, monkeypatch,
     """Caught: `>=` for `>` (a tie moves the best epoch), the count not reset on improvement, the best
     started at 0 (an all-miss first epoch never kept: no weights restored), `>` for `>=` in the patience
     test; and the model must end with the kept epoch's weights."""
-    snaps = _scripted(monkeypatch, series)
+    snaps = script_validation(monkeypatch, series)
     m = _model(dropout=0.1)
     with caplog.at_level(logging.INFO, logger="pipeline.student.train"):
         res = fit(m, prepared, TrainConfig(epochs=len(series), batch_size=32, patience=patience), show_progress=False)
@@ -427,7 +414,7 @@ def _messages(caplog, level=logging.INFO):
 def test_the_log_names_each_epochs_numbers_and_the_early_stop(prepared, monkeypatch, caplog):
     """Caught: the per-epoch line's format, its values not rounded to 4 places, the epoch repeated inside it,
     the early-stop line's wording."""
-    _scripted(monkeypatch, [0.25, 0.125])
+    script_validation(monkeypatch, [0.25, 0.125])
     with caplog.at_level(logging.INFO, logger="pipeline.student.train"):
         res = fit(_model(), prepared, TrainConfig(epochs=2, batch_size=16, patience=1), show_progress=False)
     msgs = _messages(caplog)

@@ -60,6 +60,7 @@ import numpy as np  # noqa: E402
 
 import pipeline.student.train as train_mod  # noqa: E402
 from pipeline.errors import UsageError  # noqa: E402
+from tests.distill_helpers import script_validation  # noqa: E402
 
 
 
@@ -127,16 +128,7 @@ def test_early_stopping_stops_and_pairs_the_projector_with_the_best_epoch(data, 
     Fails if early stopping never stops (all 10 epochs run), if the best epoch is not the one kept,
     or if the objective's parameters (the distillation projector) keep the last epoch's values while
     the model gets the best epoch's (the checkpoint then paired weights of two epochs)."""
-    series = iter([0.1, 0.3, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2])
-    real_evaluate = train_mod.evaluate
-    snapshots = []
-
-    def scripted(model, prepared, split, masked=False):
-        out = real_evaluate(model, prepared, split, masked)
-        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
-        return {**out, "ndcg@10": next(series)}
-
-    monkeypatch.setattr(train_mod, "evaluate", scripted)
+    snapshots = script_validation(monkeypatch, [0.1, 0.3, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2])
     m = _small_model(data)
     obj = ProbeObjective(m)
     res = fit(m, data, TrainConfig(epochs=10, batch_size=16, lr=0.01, patience=2), objective=obj, show_progress=False)
