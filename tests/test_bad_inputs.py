@@ -52,7 +52,7 @@ CASES: list[Case] = [
     Case("prepare: unknown user column", ("prepare", "--out", "{w}/o/p5", "--interactions", "{w}/inter.csv",
                                           "--user-col", "uid"), "missing user column 'uid'", ("o/p5/summary.json",)),
     Case("prepare: non-numeric timestamps", ("prepare", "--out", "{w}/o/p6", "--interactions", "{w}/badts.csv"),
-         "non-numeric timestamps", ("o/p6/summary.json",)),
+         "non-numeric or non-finite timestamps", ("o/p6/summary.json",)),
     Case("prepare: wrong type (--kcore abc)", ("prepare", "--kcore", "abc"), "Invalid value for '--kcore'"),
     Case("prepare: --items without --interactions (exclusive)", ("prepare", "--out", "{w}/o/p7", "--items",
                                                                  "{w}/items.csv"), "--items needs --interactions",

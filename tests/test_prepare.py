@@ -78,8 +78,17 @@ def test_bad_files_name_file_and_column(tmp_path: Path):
     with pytest.raises(UsageError, match=r"i\.csv: missing user column 'user_id'.*--user-col"):
         read_interactions(p, Columns())
     pl.DataFrame({"user_id": ["a", "a"], "item_id": ["1", "2"], "timestamp": ["1", "yesterday"]}).write_csv(p)
-    with pytest.raises(UsageError, match=r"column 'timestamp' has 1 non-numeric timestamps \(first at row 2: 'yesterday'\)"):
+    with pytest.raises(UsageError, match=r"column 'timestamp' has 1 non-numeric or non-finite timestamps \(first at row 2: 'yesterday'\)"):
         read_interactions(p, Columns())
+    # "nan" and "inf" parse as floats (NaN, inf), not as nulls: a time that orders nothing, refused the same way
+    pl.DataFrame({"user_id": ["a"] * 4, "item_id": ["1", "2", "3", "4"], "timestamp": ["1", "nan", "2", "-inf"]}
+                 ).write_csv(p)
+    with pytest.raises(UsageError, match=r"has 2 non-numeric or non-finite timestamps \(first at row 2: 'nan'\)"):
+        read_interactions(p, Columns())
+    pq = tmp_path / "i.parquet"
+    pl.DataFrame({"user_id": ["a", "a"], "item_id": ["1", "2"], "timestamp": [1.0, float("inf")]}).write_parquet(pq)
+    with pytest.raises(UsageError, match=r"has 1 non-numeric or non-finite timestamps \(first at row 2: inf\)"):
+        read_interactions(pq, Columns())
     junk = tmp_path / "junk.parquet"
     junk.write_bytes(b"not parquet at all")
     with pytest.raises(UsageError, match="junk.parquet: cannot be read as parquet"):

@@ -95,11 +95,12 @@ def read_interactions(path: Path, cols: Columns) -> pl.DataFrame:
         ts_num = ts.cast(pl.Datetime("us")).dt.epoch("s").cast(pl.Float64)
     else:
         ts_num = ts.cast(pl.Float64, strict=False)
-        bad = out.filter(ts_num.is_null())
+        # "nan" / "inf" cast to NaN / inf, not null: a time that orders nothing, so refused like text
+        bad = out.filter(ts_num.is_null() | ~ts_num.is_finite())
         if bad.height:
             example = bad["ts_raw"][0]
             raise UsageError(
-                f"{path}: column '{cols.time}' has {bad.height} non-numeric timestamps "
+                f"{path}: column '{cols.time}' has {bad.height} non-numeric or non-finite timestamps "
                 f"(first at row {bad['row'][0] + 1}: {example!r}); "
                 f"give Unix seconds or a Parquet datetime column"
             )
