@@ -50,13 +50,15 @@ def load_avg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def best_time(fn, reps: int) -> float:
+def best_time(fn, reps: int, min_seconds: float = 2.0) -> float:
+    """Best time of at least `reps` calls and `min_seconds` of calls (bench_teacher.gemm_peak says why)."""
     fn()
-    best = float("inf")
-    for _ in range(reps):
+    best, calls, start = float("inf"), 0, time.perf_counter()
+    while calls < reps or time.perf_counter() - start < min_seconds:
         t = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t)
+        calls += 1
     return best
 
 
