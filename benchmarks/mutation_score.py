@@ -97,6 +97,11 @@ MODULES: dict[str, tuple[str, list[str]]] = {
                                             "tests/test_store_corruption.py", "tests/test_mut_remote.py"]),
     # --dtype auto on a CPU: flags first, then a cached matmul probe (issue 10).
     "dtype_choice": ("pipeline/teacher/dtype_choice.py", ["tests/test_dtype_choice.py", "tests/test_mut_dtype_choice.py"]),
+    # teacher-tune's samples: user split, training prefixes, forced targets, the shuffle and its chi-square check.
+    "tune_data": ("pipeline/teacher/tune_data.py", ["tests/test_teacher_tune.py", "tests/test_leakage.py",
+                                                "tests/test_mut_tune_data.py"]),
+    # The input adapters: the embedded ML-100K, the user's interaction and item-text files, their errors.
+    "sources": ("pipeline/data/sources.py", ["tests/test_prepare.py", "tests/test_mut_sources.py"]),
 }
 
 # mutmut's exit codes per mutant (mutmut/stats.py): 1 and 3 killed, 0 survived, 33/5 no tests ran it,

@@ -85,8 +85,8 @@ def read_interactions(path: Path, cols: Columns) -> pl.DataFrame:
         pl.col(cols.item).cast(pl.String).alias("item"),
         pl.col(cols.time).alias("ts_raw"),
     ).with_row_index("row")
-    for role, c in (("user", "user"), ("item", "item")):
-        nulls = out["user" if c == "user" else "item"].null_count()
+    for role in ("user", "item"):
+        nulls = out[role].null_count()
         if nulls:
             raise UsageError(f"{path}: {nulls} rows have an empty {role} id in column "
                              f"'{getattr(cols, role)}'; remove or fill them")
