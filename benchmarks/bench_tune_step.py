@@ -44,6 +44,29 @@ def flops(cfg, n_params_nonemb: int, n_layer_params: int, lengths: list[int], to
     return float(fwd), float(bwd)
 
 
+def load_tune_model(prepared: Path, candidates: Path, n: int, dtype: str):
+    """As teacher-tune loads it: (dtype choice, bf16 or None, float32 model, pad id, identifier ids, the first n
+    of teacher-dump's default prompts as TuneExamples with seeded random labels)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.teacher.convert import resolve_teacher
+    from pipeline.teacher.dtype_choice import choose_dtype
+    from pipeline.teacher.dump import load_inputs
+    from pipeline.teacher.tune import TuneExample
+
+    source = resolve_teacher("embedded")
+    choice = choose_dtype(dtype, torch.device("cpu"))
+    bf16 = torch.bfloat16 if choice.dtype == torch.bfloat16 else None
+    tokenizer = AutoTokenizer.from_pretrained(source.location)
+    model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    shim = SimpleNamespace(tokenizer=tokenizer, context_length=int(model.config.max_position_embeddings))
+    ident, ids = prompt_ids(load_inputs(prepared, candidates, limit=n), shim)
+    rng = np.random.default_rng(0)
+    return choice, bf16, model, pad_id, ident, [TuneExample(p, int(rng.integers(len(ident)))) for p in ids]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prepared", type=Path, default=ROOT / "data/prepared")
@@ -59,26 +82,14 @@ def main() -> None:
     a = ap.parse_args()
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.teacher.convert import resolve_teacher
-    from pipeline.teacher.dtype_choice import choose_dtype, cpu_info
-    from pipeline.teacher.dump import load_inputs
-    from pipeline.teacher.tune import TuneConfig, TuneExample, apply_method, score_examples, train
+    from pipeline.teacher.dtype_choice import cpu_info
+    from pipeline.teacher.tune import TuneConfig, apply_method, score_examples, train
 
     torch.set_num_threads(a.threads)
     load_before = os.getloadavg()
-    source = resolve_teacher("embedded")
-    choice = choose_dtype(a.dtype, torch.device("cpu"))
-    bf16 = torch.bfloat16 if choice.dtype == torch.bfloat16 else None
-    tokenizer = AutoTokenizer.from_pretrained(source.location)
-    model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    shim = SimpleNamespace(tokenizer=tokenizer, context_length=int(model.config.max_position_embeddings))
-    inputs = load_inputs(a.prepared, a.candidates, limit=a.samples + a.batch_size)
-    ident, ids = prompt_ids(inputs, shim)
-    rng = np.random.default_rng(0)
-    examples = [TuneExample(p, int(rng.integers(len(ident)))) for p in ids]
+    choice, bf16, model, pad_id, ident, examples = load_tune_model(a.prepared, a.candidates,
+                                                                   a.samples + a.batch_size, a.dtype)
     warm, timed = examples[: a.batch_size], examples[a.batch_size:]
     lengths = [len(e.input_ids) for e in timed]
 

@@ -27,14 +27,14 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_teacher import gemm_peak, prompt_ids  # noqa: E402
+from benchmarks.bench_teacher import gemm_peak  # noqa: E402
+from benchmarks.bench_tune_step import load_tune_model  # noqa: E402
 
 
 def main() -> None:
@@ -55,29 +55,15 @@ def main() -> None:
     a = ap.parse_args()
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.teacher.convert import resolve_teacher
-    from pipeline.teacher.dtype_choice import choose_dtype, cpu_info
-    from pipeline.teacher.dump import load_inputs
+    from pipeline.teacher.dtype_choice import cpu_info
     from pipeline.teacher.heap import TRAINING_KERNEL_CACHE_CAPACITY, bound_kernel_caches
-    from pipeline.teacher.tune import (TuneConfig, TuneExample, apply_method, compute_region, decision_logits,
-                                       left_pad)
+    from pipeline.teacher.tune import TuneConfig, apply_method, compute_region, decision_logits, left_pad
 
     bound_kernel_caches(TRAINING_KERNEL_CACHE_CAPACITY)  # as teacher-tune (tune_run.run_tune)
     torch.set_num_threads(a.threads)
     load_before = os.getloadavg()
-    source = resolve_teacher("embedded")
-    choice = choose_dtype(a.dtype, torch.device("cpu"))
-    bf16 = torch.bfloat16 if choice.dtype == torch.bfloat16 else None
-    tokenizer = AutoTokenizer.from_pretrained(source.location)
-    model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    shim = SimpleNamespace(tokenizer=tokenizer, context_length=int(model.config.max_position_embeddings))
-    inputs = load_inputs(a.prepared, a.candidates, limit=a.samples)
-    ident, ids = prompt_ids(inputs, shim)
-    rng = np.random.default_rng(0)
-    examples = [TuneExample(p, int(rng.integers(len(ident)))) for p in ids]
+    choice, bf16, model, pad_id, ident, examples = load_tune_model(a.prepared, a.candidates, a.samples, a.dtype)
     cfg = TuneConfig(method="lora", lora_r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=a.lora_dropout,
                      target_modules=tuple(a.target_modules.split(",")), top_layers=a.top_layers, lr=1e-3,
                      batch_size=a.batch_size)
