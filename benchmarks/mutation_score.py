@@ -102,6 +102,8 @@ MODULES: dict[str, tuple[str, list[str]]] = {
                                                 "tests/test_mut_tune_data.py"]),
     # The input adapters: the embedded ML-100K, the user's interaction and item-text files, their errors.
     "sources": ("pipeline/data/sources.py", ["tests/test_prepare.py", "tests/test_mut_sources.py"]),
+    # The store's dataset card: what `datasets` reads, what `cache verify` compares, the atomic writer.
+    "card": ("pipeline/store/card.py", ["tests/test_dataset_card.py", "tests/test_mut_card.py"]),
 }
 
 # mutmut's exit codes per mutant (mutmut/stats.py): 1 and 3 killed, 0 survived, 33/5 no tests ran it,
