@@ -26,26 +26,31 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def gemm_peak(dtype_name: str, threads: int, n: int = 2048, reps: int = 5, min_seconds: float = 2.0) -> float:
-    """Best GFLOP/s of an n x n x n matmul over at least `reps` calls and `min_seconds` of calls.
+def best_time(fn, reps: int = 5, min_seconds: float = 2.0) -> float:
+    """Best time of `fn()` over at least `reps` calls and `min_seconds` of calls, after one warm-up call.
 
     Time-bounded, not 5 calls: on the 2-vCPU KVM guests the first ~10 calls at 2 threads ran at 0.65-0.75x
     the steady rate, and whole stretches of calls at about the 1-thread rate (another tenant on the second
-    vCPU's core); five calls then reported 208-211 GFLOP/s where 2 s of calls reached 390-409 (Zen 4,
+    vCPU's core); five 2048^3 matmuls then reported 208-211 GFLOP/s where 2 s of calls reached 390-409 (Zen 4,
     2026-12-03). An underestimated peak inflates every fraction of it."""
+    fn()
+    best, calls, start = float("inf"), 0, time.perf_counter()
+    while calls < reps or time.perf_counter() - start < min_seconds:
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+        calls += 1
+    return best
+
+
+def gemm_peak(dtype_name: str, threads: int, n: int = 2048, reps: int = 5, min_seconds: float = 2.0) -> float:
+    """Best GFLOP/s of an n x n x n matmul (best_time: at least `reps` calls and `min_seconds` of calls)."""
     import torch
 
     torch.set_num_threads(threads)
     dtype = getattr(torch, dtype_name)
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best, calls, start = float("inf"), 0, time.perf_counter()
-    while calls < reps or time.perf_counter() - start < min_seconds:
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-        calls += 1
-    return 2 * n**3 / best / 1e9
+    return 2 * n**3 / best_time(lambda: a @ b, reps, min_seconds) / 1e9
 
 
 def synth_candidates(prepared: Path, out: Path, k: int = 20, seed: int = 0) -> Path:

@@ -45,21 +45,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 MARK = "PROFILE_JSON "
 
+from bench_teacher import best_time  # noqa: E402  (time-bounded: see its docstring)
+
 
 def load_avg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
-
-
-def best_time(fn, reps: int, min_seconds: float = 2.0) -> float:
-    """Best time of at least `reps` calls and `min_seconds` of calls (bench_teacher.gemm_peak says why)."""
-    fn()
-    best, calls, start = float("inf"), 0, time.perf_counter()
-    while calls < reps or time.perf_counter() - start < min_seconds:
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-        calls += 1
-    return best
 
 
 def gemm_peaks(dtype, tokens: int, hidden: int, inner: int, q_out: int, kv_out: int, reps: int = 5) -> dict:
