@@ -89,6 +89,12 @@ def test_bad_files_name_file_and_column(tmp_path: Path):
     pl.DataFrame({"user_id": ["a", "a"], "item_id": ["1", "2"], "timestamp": [1.0, float("inf")]}).write_parquet(pq)
     with pytest.raises(UsageError, match=r"has 1 non-numeric or non-finite timestamps \(first at row 2: inf\)"):
         read_interactions(pq, Columns())
+    from datetime import datetime
+
+    pl.DataFrame({"user_id": ["a", "a"], "item_id": ["1", "2"], "timestamp": [datetime(2020, 1, 1), None]}
+                 ).write_parquet(pq)  # a null in a datetime column orders nothing either
+    with pytest.raises(UsageError, match=r"has 1 non-numeric or non-finite timestamps \(first at row 2: None\)"):
+        read_interactions(pq, Columns())
     junk = tmp_path / "junk.parquet"
     junk.write_bytes(b"not parquet at all")
     with pytest.raises(UsageError, match="junk.parquet: cannot be read as parquet"):

@@ -95,15 +95,15 @@ def read_interactions(path: Path, cols: Columns) -> pl.DataFrame:
         ts_num = ts.cast(pl.Datetime("us")).dt.epoch("s").cast(pl.Float64)
     else:
         ts_num = ts.cast(pl.Float64, strict=False)
-        # "nan" / "inf" cast to NaN / inf, not null: a time that orders nothing, so refused like text
-        bad = out.filter(ts_num.is_null() | ~ts_num.is_finite())
-        if bad.height:
-            example = bad["ts_raw"][0]
-            raise UsageError(
-                f"{path}: column '{cols.time}' has {bad.height} non-numeric or non-finite timestamps "
-                f"(first at row {bad['row'][0] + 1}: {example!r}); "
-                f"give Unix seconds or a Parquet datetime column"
-            )
+    # a time that orders nothing: text, an empty cell or a null datetime (null), "nan" / "inf" (NaN / inf)
+    bad = out.filter(ts_num.is_null() | ~ts_num.is_finite())
+    if bad.height:
+        example = bad["ts_raw"][0]
+        raise UsageError(
+            f"{path}: column '{cols.time}' has {bad.height} non-numeric or non-finite timestamps "
+            f"(first at row {bad['row'][0] + 1}: {example!r}); "
+            f"give Unix seconds or a Parquet datetime column"
+        )
     return out.with_columns(ts_num.alias("ts")).drop("ts_raw")
 
 
