@@ -37,6 +37,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--compare", choices=("gqa", "causal"), default="gqa",
+                    help="gqa: copied against shared KV heads; causal: the kernel over the whole square against "
+                         "stopped at the diagonal (both with shared heads)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
 
@@ -46,7 +49,7 @@ def main() -> None:
     from pipeline.teacher.convert import resolve_teacher
     from pipeline.teacher.dtype_choice import cpu_info
     from pipeline.teacher.dump import load_inputs
-    from pipeline.teacher.hf_backend import GQA_SDPA, HFConfig, HFTeacher
+    from pipeline.teacher.hf_backend import CAUSAL_STOP, GQA_SDPA, HFConfig, HFTeacher
 
     torch.set_num_threads(a.threads)
     teacher = HFTeacher(HFConfig(resolve_teacher("embedded").location, batch_size=a.batch_size))
@@ -54,7 +57,20 @@ def main() -> None:
         sys.exit("the shared-KV-heads attention was not installed on this machine (see the log); nothing to compare")
     inputs = load_inputs(a.prepared, a.candidates, limit=a.samples)
     ident, ids = prompt_ids(inputs, teacher)
-    variants = {"copied KV heads (transformers' sdpa)": "sdpa", "shared KV heads (default)": GQA_SDPA}
+    if a.compare == "gqa":
+        variants = {"copied KV heads (transformers' sdpa)": "sdpa", "shared KV heads (default)": GQA_SDPA}
+        old_name, new_name = list(variants)
+
+        def switch(name: str) -> None:
+            teacher.model.set_attn_implementation(variants[name])
+    else:
+        if teacher.fused.get("causal_stop", 0) == 0:
+            sys.exit("the attention kernel's stop at the diagonal was not installed on this machine; nothing to compare")
+        variants = {"full square (mask only)": False, "stops at the diagonal (default)": True}
+        old_name, new_name = list(variants)
+
+        def switch(name: str) -> None:
+            CAUSAL_STOP["on"] = variants[name]
     teacher.run(ids[: a.batch_size], ident)  # warm-up
     times: dict[str, list[float]] = {v: [] for v in variants}
     ref = None
@@ -62,7 +78,7 @@ def main() -> None:
     load = [os.getloadavg()[0]]
     for r in range(a.rounds):
         for name in (list(variants) if r % 2 == 0 else list(reversed(variants))):
-            teacher.model.set_attn_implementation(variants[name])
+            switch(name)
             t = time.perf_counter()
             out = teacher.run(ids, ident)
             times[name].append(time.perf_counter() - t)
@@ -72,9 +88,9 @@ def main() -> None:
         load.append(os.getloadavg()[0])
         print(f"round {r}: " + ", ".join(f"{n}: {v[-1]:.1f} s" for n, v in times.items()), flush=True)
     med = {n: statistics.median(v) for n, v in times.items()}
-    old, new = med["copied KV heads (transformers' sdpa)"], med["shared KV heads (default)"]
+    old, new = med[old_name], med[new_name]
     per_round = [n / o for o, n in zip(*times.values())]
-    res = {"command": "ab_gqa_attention.py " + " ".join(sys.argv[1:]), "cpu": cpu_info()[0],
+    res = {"command": "ab_gqa_attention.py " + " ".join(sys.argv[1:]), "cpu": cpu_info()[0], "compare": a.compare,
            "dtype": teacher.dtype_name, "samples": len(ids), "threads": a.threads, "rounds_s": times,
            "median_s": med, "median_ratio_new_over_old": new / old, "per_round_ratio": per_round,
            "samples_per_s": {n: len(ids) / m for n, m in med.items()},

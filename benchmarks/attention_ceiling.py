@@ -7,9 +7,11 @@ of its first attention call (query, key, value, the padding mask, exactly as tra
 by round in this one process, are timed:
 - the whole forward of that batch (`HFTeacher._batch`, what teacher-dump runs per batch);
 - the seven Linear layers' GEMMs alone, on their captured inputs (x the number of layers);
-- the attention kernel alone, on the captured arguments (x the number of layers), and the same query, key and
-  value through the causal-only path (`is_causal=True`, no mask: what skipping the masked half would cost;
-  its numbers differ, see BENCHMARKS.md "right padding with a causal-only mask");
+- the attention kernel alone, on the captured arguments (x the number of layers): over the whole square as SDPA
+  runs it with a mask, and stopped at the diagonal as the default runs it (the same mask, `is_causal` told the
+  kernel; hf_backend._sdpa_gqa_forward, same bits); and the same query, key and value through the causal-only
+  path (`is_causal=True`, no mask; its numbers differ, see BENCHMARKS.md "right padding with a causal-only
+  mask");
 - an n x n x n bf16 GEMM (the peak, as bench_teacher.py measures it).
 
 Useful FLOPs (the issue's count): 2 x non-embedding parameters x real prompt tokens + causal attention
@@ -55,7 +57,8 @@ def main() -> None:
     from pipeline.teacher.convert import resolve_teacher
     from pipeline.teacher.dtype_choice import cpu_info
     from pipeline.teacher.dump import load_inputs
-    from pipeline.teacher.hf_backend import HFConfig, HFTeacher
+    from pipeline.teacher import hf_backend
+    from pipeline.teacher.hf_backend import CAUSAL_STOP, HFConfig, HFTeacher
 
     load_before = os.getloadavg()
     teacher = HFTeacher(HFConfig(resolve_teacher("embedded").location, dtype=a.dtype, batch_size=a.batch_size))
@@ -81,11 +84,14 @@ def main() -> None:
         return real_sdpa(*args, **kw)
 
     F.scaled_dot_product_attention = spy
+    stop = bool(teacher.fused.get("causal_stop"))  # the default: the kernel stops at the diagonal
+    CAUSAL_STOP["on"] = False  # for the capture, so that the call goes through SDPA with its boolean mask
     try:
         with torch.inference_mode():
             teacher._batch(batch, ident, "first-token", 0)
     finally:
         F.scaled_dot_product_attention = real_sdpa
+        CAUSAL_STOP["on"] = stop
         for h in hooks:
             h.remove()
     sd_args, sd_kw = captured["sdpa"]
@@ -105,7 +111,7 @@ def main() -> None:
     results = []
     for threads in [int(x) for x in a.threads.split(",")]:
         torch.set_num_threads(threads)
-        t = {"forward": [], "linears": [], "attention_masked": [], "attention_causal_only": []}
+        t = {"forward": [], "linears": [], "attention_masked": [], "attention_stopped": [], "attention_causal_only": []}
 
         def timed(key, fn):
             s = time.perf_counter()
@@ -125,25 +131,36 @@ def main() -> None:
             def att_causal():
                 real_sdpa(q, k, v, is_causal=True, **causal_kw)
 
-            teacher._batch(batch, ident, "first-token", 0), lin(), att(), att_causal()  # warm-up at this thread count
+            # the kernel as the default runs it: the same mask, told it is causal (hf_backend._sdpa_gqa_forward)
+            additive = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
+
+            def att_stopped():
+                hf_backend._FLASH_CPU(q, k, v, 0.0, True, attn_mask=additive, scale=sd_kw.get("scale"))
+
+            teacher._batch(batch, ident, "first-token", 0), lin(), att(), att_stopped(), att_causal()  # warm-up
             for r in range(a.rounds):
                 steps = [("forward", lambda: teacher._batch(batch, ident, "first-token", 0)), ("linears", lin),
-                         ("attention_masked", att), ("attention_causal_only", att_causal)]
+                         ("attention_masked", att), ("attention_stopped", att_stopped),
+                         ("attention_causal_only", att_causal)]
                 for key, fn in (steps if r % 2 == 0 else steps[::-1]):
                     timed(key, fn)
         peak = gemm_peak(str(teacher.dtype).removeprefix("torch."), threads)
         med = {kk: statistics.median(vv) for kk, vv in t.items()}
-        lin_s, att_s = layers * med["linears"], layers * med["attention_masked"]
+        in_use = "attention_stopped" if stop else "attention_masked"  # the kernel call the forward makes
+        lin_s, att_s = layers * med["linears"], layers * med[in_use]
         results.append({
             "threads": threads, "gemm_peak_gflops": peak, "seconds": t, "median_seconds": med,
             "linears_gflops_model_shapes": lin_flops / med["linears"] / 1e9,
             "attention_masked_useful_gflops": attn_useful / med["attention_masked"] / 1e9,
+            "attention_stopped_useful_gflops": attn_useful / med["attention_stopped"] / 1e9,
+            "attention_in_forward": in_use,
             "attention_causal_only_useful_gflops": attn_useful / med["attention_causal_only"] / 1e9,
-            "share_of_forward": {"linears": lin_s / med["forward"], "attention_masked": att_s / med["forward"],
+            "share_of_forward": {"linears": lin_s / med["forward"], "attention": att_s / med["forward"],
                                  "everything_else": 1 - (lin_s + att_s) / med["forward"]},
             "fraction_of_peak": {
                 "forward_now": useful / med["forward"] / 1e9 / peak,
-                "ceiling_nothing_but_gemms_and_masked_attention": useful / (lin_s + att_s) / 1e9 / peak,
+                "ceiling_nothing_but_gemms_and_attention_in_use": useful / (lin_s + att_s) / 1e9 / peak,
+                "ceiling_with_full_square_attention": useful / (lin_s + layers * med["attention_masked"]) / 1e9 / peak,
                 "ceiling_with_causal_only_attention": useful / (lin_s + layers * med["attention_causal_only"]) / 1e9
                 / peak,
                 "ceiling_gemms_only": useful / lin_s / 1e9 / peak,

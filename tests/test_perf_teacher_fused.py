@@ -53,29 +53,118 @@ def test_fused_forwards_are_installed_and_bit_identical(dtype):
         before = model.model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
         counts = fuse_ops(model)
         after = model.model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
-    assert counts == {"rms_norm": 2 * 2 + 1, "mlp": 2, "gqa_attention": 2}
+    assert counts == {"rms_norm": 2 * 2 + 1, "mlp": 2, "gqa_attention": 2, "causal_stop": 2}
     assert model.config._attn_implementation == GQA_SDPA
     assert torch.equal(before, after)
 
 
-def test_shared_kv_heads_reach_the_kernel_unexpanded(monkeypatch):
-    """With a padding mask on a CPU, SDPA gets the 2 KV heads as they are (enable_gqa), not 4 copies."""
+@pytest.mark.parametrize("stop", [True, False])
+def test_shared_kv_heads_reach_the_kernel_unexpanded(monkeypatch, stop):
+    """With a padding mask on a CPU, the kernel gets the 2 KV heads as they are, not 4 copies: through the
+    flash kernel directly when it stops at the diagonal, through SDPA with enable_gqa when it does not."""
+    from pipeline.teacher import hf_backend
+
     model = tiny_llama(torch.bfloat16)
     fuse_ops(model)
+    monkeypatch.setitem(hf_backend.CAUSAL_STOP, "on", stop)
     seen = []
-    real = torch.nn.functional.scaled_dot_product_attention
+    real, real_flash = torch.nn.functional.scaled_dot_product_attention, hf_backend._FLASH_CPU
 
     def spy(q, k, v, **kw):
-        seen.append((q.shape[1], k.shape[1], kw.get("enable_gqa", False), kw.get("attn_mask") is not None))
+        seen.append(("sdpa", q.shape[1], k.shape[1], kw.get("enable_gqa", False), kw.get("attn_mask") is not None))
         return real(q, k, v, **kw)
 
+    def spy_flash(q, k, v, dropout, is_causal, **kw):
+        seen.append(("flash", q.shape[1], k.shape[1], is_causal, kw.get("attn_mask") is not None))
+        return real_flash(q, k, v, dropout, is_causal, **kw)
+
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(hf_backend, "_FLASH_CPU", spy_flash)
     ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     with torch.inference_mode():
         model.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
-    assert seen == [(4, 2, True, True)] * 2  # one call per layer
+    assert seen == [("flash" if stop else "sdpa", 4, 2, True, True)] * 2  # one call per layer
+
+
+def test_prefill_attention_stops_at_the_diagonal(monkeypatch):
+    """A prefill with a causal padding mask reaches the CPU flash kernel with is_causal=True (it then skips
+    the key blocks after each query block) and the mask, and gives SDPA's bits; without the stop the
+    count would still say 2 and the spy would see is_causal=False."""
+    from pipeline.teacher import hf_backend
+
+    model = tiny_llama(torch.bfloat16)
+    ids = torch.randint(1, 97, (2, 40), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        before = model.model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+    assert fuse_ops(model)["causal_stop"] == 2
+    seen = []
+    real = hf_backend._FLASH_CPU
+
+    def spy(q, k, v, dropout, is_causal, **kw):
+        seen.append((is_causal, kw["attn_mask"].dtype, tuple(kw["attn_mask"].shape)))
+        return real(q, k, v, dropout, is_causal, **kw)
+
+    monkeypatch.setattr(hf_backend, "_FLASH_CPU", spy)
+    with torch.inference_mode():
+        after = model.model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+    assert seen == [(True, torch.bfloat16, (2, 1, 40, 40))] * 2  # one call per layer
+    assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("case", ["bidirectional", "decoding"])
+def test_attention_that_is_not_a_causal_prefill_keeps_the_full_square(case):
+    """Only a boolean mask that lets no query see a later key, over as many keys as queries, may stop at the
+    diagonal: a bidirectional mask (an encoder, a prefix-LM) or a decoding step (1 query, 9 keys: the
+    kernel's diagonal is top-left, so it would see key 0 only) must give transformers' own result. Both masks
+    let a query see a later key, so the upper-triangle check refuses them (forced true, both differ); the
+    shape check (as many keys as queries) is a second guard that these cases do not need."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from pipeline.teacher.hf_backend import _sdpa_gqa_forward
+
+    model = tiny_llama(torch.float32)
+    fuse_ops(model)
+    module = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(5)
+    n_q = 9 if case == "bidirectional" else 1
+    q = torch.randn((2, 4, n_q, 12), generator=g)
+    k, v = (torch.randn((2, 2, 9, 12), generator=g) for _ in range(2))
+    mask = torch.ones((2, 1, n_q, 9), dtype=torch.bool)
+    mask[1, ..., :3] = False  # a padded row
+    with torch.inference_mode():
+        want = sdpa_attention_forward(module, q, k, v, mask, scaling=module.scaling)[0]
+        got = _sdpa_gqa_forward(module, q, k, v, mask, scaling=module.scaling)[0]
+    assert torch.equal(want, got)
+
+
+def test_a_diagonal_stop_that_differs_on_the_probe_is_not_used(monkeypatch):
+    """A kernel whose causal path gave other numbers (simulated: perturbed whenever is_causal is set) leaves
+    the attention over the whole square, with the KV heads still shared, and the model's output unchanged."""
+    from pipeline.teacher import hf_backend
+
+    real = hf_backend._FLASH_CPU
+
+    def off_by_a_bit(q, k, v, dropout, is_causal, **kw):
+        out = real(q, k, v, dropout, is_causal, **kw)
+        return (out[0] * 1.01, *out[1:]) if is_causal else out
+
+    monkeypatch.setattr(hf_backend, "_FLASH_CPU", off_by_a_bit)
+    monkeypatch.setitem(hf_backend.CAUSAL_STOP, "on", True)  # restored after the test: the probe turns it off
+    ids = torch.randint(1, 97, (2, 12), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    model = tiny_llama(torch.float32)
+    with torch.inference_mode():
+        before = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        counts = fuse_ops(model)
+        after = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert counts["gqa_attention"] == 2 and counts["causal_stop"] == 0
+    assert torch.equal(before, after)
 
 
 def test_attention_that_differs_on_the_probe_is_not_switched(monkeypatch):
@@ -91,6 +180,9 @@ def test_attention_that_differs_on_the_probe_is_not_switched(monkeypatch):
     model = tiny_llama(torch.float32)
     assert fuse_ops(model)["gqa_attention"] == 0
     assert model.config._attn_implementation == "sdpa"
+    from pipeline.teacher.hf_backend import CAUSAL_STOP
+
+    assert CAUSAL_STOP["on"]  # the stop at the diagonal was never probed here: still on for the next model
 
 
 def test_a_norm_with_another_formula_keeps_its_own_forward():
@@ -108,14 +200,14 @@ def test_a_norm_with_another_formula_keeps_its_own_forward():
     net = torch.nn.Sequential(LlamaRMSNorm())
     x = torch.randn(2, 3, 8)
     before = net(x)
-    assert fuse_ops(net) == {"rms_norm": 0, "mlp": 0, "gqa_attention": 0}
+    assert fuse_ops(net) == {"rms_norm": 0, "mlp": 0, "gqa_attention": 0, "causal_stop": 0}
     assert torch.equal(net(x), before)
 
 
 @pytest.mark.teacher
 def test_real_teacher_h_dec_and_scores_unchanged():
     """The embedded teacher in bf16 (the default profile's dtype where the CPU has bf16): every layer's
-    norms and MLPs fused and its KV heads shared, h_dec and identifier scores of real-length prompts
+    norms and MLPs fused, its KV heads shared and its attention kernel stopped at the diagonal, h_dec and identifier scores of real-length prompts
     bit-identical to HF's own forwards, through HFTeacher.run's batching (left padding, several lengths),
     in first-token mode and in generate mode (the decoding steps attend through the padding mask too)."""
     from pipeline.teacher.convert import resolve_teacher
@@ -124,9 +216,11 @@ def test_real_teacher_h_dec_and_scores_unchanged():
     loc = resolve_teacher("embedded").location
     plain = HFTeacher(HFConfig(loc, dtype="bfloat16", batch_size=3, fused_ops=False))  # HF's own forwards
     fused = HFTeacher(HFConfig(loc, dtype="bfloat16", batch_size=3))  # the default: fused
-    assert plain.fused == {} and fused.fused == {"rms_norm": 61, "mlp": 30, "gqa_attention": 30}
+    assert plain.fused == {} and fused.fused == {"rms_norm": 61, "mlp": 30, "gqa_attention": 30, "causal_stop": 30}
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(100, 40000, (n,), generator=g).tolist() for n in (120, 97, 133, 60)]
+    # batches of 3: one of short prompts, one past the flash kernel's 512-wide key block (two key blocks, query
+    # blocks of 64 that end on and off the diagonal), as teacher-dump's 533-token prompts are
+    prompts = [torch.randint(100, 40000, (n,), generator=g).tolist() for n in (120, 97, 133, 60, 541, 600)]
     ident = fused.tokenizer.convert_tokens_to_ids(list("ABCDEFGH"))
     a = plain.run(prompts, ident, "first-token")
     b = fused.run(prompts, ident, "first-token")

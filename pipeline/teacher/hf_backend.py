@@ -12,6 +12,7 @@ The only module that imports transformers at top level; stage one imports it laz
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -45,7 +46,8 @@ class HFConfig:
     # On by default: on a quiet 2-core Xeon the whole first-token dump took 0.906x the time, faster in 7 of 7
     # interleaved rounds, same h_dec bits and rankings (BENCHMARKS.md, "fused forwards on a quiet machine").
     # On a CPU it also lets grouped-query attention read its shared KV heads instead of copies (_sdpa_gqa_forward,
-    # probe-checked the same way): 0.92-0.98x the dump's time, same bits.
+    # probe-checked the same way): 0.92-0.98x the dump's time, same bits; and its kernel stops at the diagonal
+    # (0.986x on a Zen 4, same bits).
     fused_ops: bool = True
 
 
@@ -105,11 +107,44 @@ def _sdpa_gqa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             or torch.jit.is_tracing()):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    # with a mask transformers' function passes is_causal=False and the mask unchanged
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                                           dropout_p=dropout, scale=scaling, is_causal=False,
-                                                           enable_gqa=True)
+    additive = _causal_additive(attention_mask, query, key) if dropout == 0.0 and CAUSAL_STOP["on"] else None
+    if additive is not None:  # the same kernel, told the mask is causal: it skips the key blocks after each query's
+        out = _FLASH_CPU(query, key, value, 0.0, True, attn_mask=additive, scale=scaling)[0]
+    else:  # with a mask transformers' function passes is_causal=False and the mask unchanged
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                               dropout_p=dropout, scale=scaling, is_causal=False,
+                                                               enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
+
+
+# SDPA's CPU flash-attention kernel. Given a mask, SDPA runs it over the whole square of query x key blocks;
+# told `is_causal` as well (which SDPA's Python API refuses beside a mask), it stops each query block at the
+# diagonal. The blocks it skips are the ones the causal mask blanks out entirely: with a causal padding mask
+# the output is bit-identical (the probe in _gqa_attention checks it, tests/test_perf_teacher_fused.py on the
+# real teacher) and the kernel does about half the work (BENCHMARKS.md, "the attention kernel stops at the
+# diagonal").
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+# On while the kernel exists and no probe (_gqa_attention) has seen it differ from the full square; a switch
+# for benchmarks/ab_gqa_attention.py --compare causal.
+CAUSAL_STOP = {"on": _FLASH_CPU is not None}
+_last_mask: list = [None, None]  # the last boolean mask seen (a weakref) and its additive form, or None
+
+
+def _causal_additive(mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+    """The additive (0 / -inf) form of a boolean prefill mask that lets no query see a later key; None for
+    any other mask (float, decoding with a cache, a bidirectional or otherwise non-causal mask), which then
+    keeps the full-square kernel. transformers passes one mask object to every layer of a forward, so the
+    check and the conversion run once per forward."""
+    width = query.shape[-2]
+    if mask.dtype != torch.bool or mask.dim() != 4 or key.shape[-2] != width or mask.shape[-2:] != (width, width):
+        return None
+    ref, additive = _last_mask  # (inference tensors carry no version counter: masks are never changed in place)
+    if ref is not None and ref() is mask and (additive is None or additive.dtype == query.dtype):
+        return additive
+    causal = not bool(torch.triu(mask, diagonal=1).any())
+    additive = (torch.zeros(mask.shape, dtype=query.dtype).masked_fill_(~mask, float("-inf")) if causal else None)
+    _last_mask[:] = [weakref.ref(mask), additive]
+    return additive
 
 
 def _gqa_attention(model: torch.nn.Module, gen: torch.Generator) -> int:
@@ -123,15 +158,26 @@ def _gqa_attention(model: torch.nn.Module, gen: torch.Generator) -> int:
             or p.device.type != "cpu" or not hasattr(model, "set_attn_implementation")):
         return 0
     module = grouped[0]
-    n, heads_kv, width, dim = 3, 2, 11, int(getattr(module, "head_dim", 64))
+    # wide enough for several query blocks and two key blocks of the CPU flash kernel (32-256 and 512 wide)
+    n, heads_kv, width, dim = 3, 2, 530, int(getattr(module, "head_dim", 64))
     q = torch.randn((n, heads_kv * module.num_key_value_groups, width, dim), generator=gen).to(p.dtype)
     k, v = (torch.randn((n, heads_kv, width, dim), generator=gen).to(p.dtype) for _ in range(2))
     keep = torch.ones((n, width), dtype=torch.bool)
-    keep[0, :4] = False  # one left-padded row, as the backend batches
+    keep[0, :4] = False  # left-padded rows, as the backend batches
+    keep[2, :70] = False
     mask = torch.ones((width, width), dtype=torch.bool).tril()[None, None] & keep[:, None, None, :]
+    can_stop = CAUSAL_STOP["on"]
     with torch.inference_mode():
-        same = torch.equal(sdpa_attention_forward(module, q, k, v, mask, scaling=module.scaling)[0],
-                           _sdpa_gqa_forward(module, q, k, v, mask, scaling=module.scaling)[0])
+        want = sdpa_attention_forward(module, q, k, v, mask, scaling=module.scaling)[0]
+        CAUSAL_STOP["on"] = False  # first the shared heads over the whole square
+        try:
+            same = torch.equal(want, _sdpa_gqa_forward(module, q, k, v, mask, scaling=module.scaling)[0])
+        finally:
+            CAUSAL_STOP["on"] = can_stop
+        # then the kernel stopped at the diagonal, checked the same way (off for the process if it differs)
+        if same and can_stop and not torch.equal(want, _sdpa_gqa_forward(module, q, k, v, mask, scaling=module.scaling)[0]):
+            CAUSAL_STOP["on"] = False
+            log.info("attention stopped at the diagonal differs on a probe; keeping the full square")
     if not same:
         log.info("attention with shared KV heads differs on a probe; keeping transformers' SDPA")
         return 0
@@ -176,6 +222,7 @@ def fuse_ops(model: torch.nn.Module) -> dict[str, int]:
             module.forward = types.MethodType(new, module)
             counts[kind] += 1
     counts["gqa_attention"] = _gqa_attention(model, gen)
+    counts["causal_stop"] = counts["gqa_attention"] if CAUSAL_STOP["on"] else 0  # those layers' kernel stops at the diagonal
     log.info("fused forwards installed: %s", counts)
     return counts
 
