@@ -104,6 +104,8 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "sources": ("pipeline/data/sources.py", ["tests/test_prepare.py", "tests/test_mut_sources.py"]),
     # The store's dataset card: what `datasets` reads, what `cache verify` compares, the atomic writer.
     "card": ("pipeline/store/card.py", ["tests/test_dataset_card.py", "tests/test_mut_card.py"]),
+    "head": ("pipeline/teacher/head.py", ["tests/test_vllm_head.py", "tests/test_mut_head.py"]),
+    "hashcache": ("pipeline/teacher/hashcache.py", ["tests/test_teacher_convert.py", "tests/test_mut_hashcache.py"]),
 }
 
 # mutmut's exit codes per mutant (mutmut/stats.py): 1 and 3 killed, 0 survived, 33/5 no tests ran it,

@@ -69,3 +69,20 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(
             f"vllm-marked tests: {_VLLM_RUN['passed']} passed, {_VLLM_RUN['failed']} failed, "
             f"{_VLLM_RUN['skipped']} skipped, {_VLLM_RUN['seconds']:.0f} s in all (CI={'on' if _ci() else 'off'})")
+
+
+@pytest.fixture
+def hash_calls(monkeypatch, tmp_path):
+    """Count the files actually read for hashing; the hash cache lives in tmp_path/cache."""
+    monkeypatch.setenv("GEDISTILL_CACHE", str(tmp_path / "cache"))
+    calls: list[str] = []
+    from pipeline.teacher import hashcache
+
+    real = hashcache.sha256_file
+
+    def counting(path):
+        calls.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(hashcache, "sha256_file", counting)
+    return calls

@@ -57,21 +57,6 @@ def _model_dir(root: Path, weights: bytes) -> Path:
     return root
 
 
-@pytest.fixture
-def hash_calls(monkeypatch, tmp_path):
-    """Count the files actually read for hashing; the hash cache lives in tmp_path/cache."""
-    monkeypatch.setenv("GEDISTILL_CACHE", str(tmp_path / "cache"))
-    calls: list[str] = []
-    real = hashcache.sha256_file
-
-    def counting(path):
-        calls.append(Path(path).name)
-        return real(path)
-
-    monkeypatch.setattr(hashcache, "sha256_file", counting)
-    return calls
-
-
 def test_weights_are_fingerprinted_by_content(tmp_path, hash_calls):
     """Fails if the revision of a local teacher depends on file names and sizes only: a model fine-tuned
     and saved into the same directory (same names, same sizes, other bytes) kept its fingerprint, and
