@@ -132,7 +132,7 @@ def main() -> None:
                 real_sdpa(q, k, v, is_causal=True, **causal_kw)
 
             # the kernel as the default runs it: the same mask, told it is causal (hf_backend._sdpa_gqa_forward)
-            additive = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
+            additive = hf_backend._causal_additive(mask, q)
 
             def att_stopped():
                 hf_backend._FLASH_CPU(q, k, v, 0.0, True, attn_mask=additive, scale=sd_kw.get("scale"))

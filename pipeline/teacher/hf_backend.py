@@ -107,22 +107,28 @@ def _sdpa_gqa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             or torch.jit.is_tracing()):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    additive = _causal_additive(attention_mask, query, key) if dropout == 0.0 and CAUSAL_STOP["on"] else None
+    return _shared_heads(query, key, value, attention_mask, dropout, scaling, stop=CAUSAL_STOP["on"]), None
+
+
+def _shared_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, dropout: float,
+                  scaling: float | None, stop: bool) -> torch.Tensor:
+    """The masked CPU attention with the KV heads as they are; with `stop`, a causal prefill mask also tells
+    the kernel to stop at the diagonal. Returns [batch, length, heads, dim], as transformers' function does."""
+    additive = _causal_additive(mask, query) if stop and dropout == 0.0 else None
     if additive is not None:  # the same kernel, told the mask is causal: it skips the key blocks after each query's
         out = _FLASH_CPU(query, key, value, 0.0, True, attn_mask=additive, scale=scaling)[0]
     else:  # with a mask transformers' function passes is_causal=False and the mask unchanged
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                                               dropout_p=dropout, scale=scaling, is_causal=False,
-                                                               enable_gqa=True)
-    return out.transpose(1, 2).contiguous(), None
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
+                                                               scale=scaling, is_causal=False, enable_gqa=True)
+    return out.transpose(1, 2).contiguous()
 
 
 # SDPA's CPU flash-attention kernel. Given a mask, SDPA runs it over the whole square of query x key blocks;
 # told `is_causal` as well (which SDPA's Python API refuses beside a mask), it stops each query block at the
 # diagonal. The blocks it skips are the ones the causal mask blanks out entirely: with a causal padding mask
 # the output is bit-identical (the probe in _gqa_attention checks it, tests/test_perf_teacher_fused.py on the
-# real teacher) and the kernel does about half the work (BENCHMARKS.md, "the attention kernel stops at the
-# diagonal").
+# real teacher). The kernel skips about half its blocks but saves only 7-9% of its time, 0.986x the dump's on a
+# Zen 4 (BENCHMARKS.md, "the attention kernel stops at the diagonal").
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 # On while the kernel exists and no probe (_gqa_attention) has seen it differ from the full square; a switch
 # for benchmarks/ab_gqa_attention.py --compare causal.
@@ -130,13 +136,13 @@ CAUSAL_STOP = {"on": _FLASH_CPU is not None}
 _last_mask: list = [None, None]  # the last boolean mask seen (a weakref) and its additive form, or None
 
 
-def _causal_additive(mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
-    """The additive (0 / -inf) form of a boolean prefill mask that lets no query see a later key; None for
-    any other mask (float, decoding with a cache, a bidirectional or otherwise non-causal mask), which then
-    keeps the full-square kernel. transformers passes one mask object to every layer of a forward, so the
-    check and the conversion run once per forward."""
+def _causal_additive(mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor | None:
+    """The additive (0 / -inf) form of a boolean prefill mask (as many keys as queries) that lets no query see
+    a later key; None for any other mask (float, decoding with a cache, a bidirectional or otherwise non-causal
+    mask), which then keeps the full-square kernel. transformers passes one mask object to every layer of a
+    forward, so the check and the conversion run once per forward."""
     width = query.shape[-2]
-    if mask.dtype != torch.bool or mask.dim() != 4 or key.shape[-2] != width or mask.shape[-2:] != (width, width):
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[-2:] != (width, width):
         return None
     ref, additive = _last_mask  # (inference tensors carry no version counter: masks are never changed in place)
     if ref is not None and ref() is mask and (additive is None or additive.dtype == query.dtype):
@@ -166,16 +172,11 @@ def _gqa_attention(model: torch.nn.Module, gen: torch.Generator) -> int:
     keep[0, :4] = False  # left-padded rows, as the backend batches
     keep[2, :70] = False
     mask = torch.ones((width, width), dtype=torch.bool).tril()[None, None] & keep[:, None, None, :]
-    can_stop = CAUSAL_STOP["on"]
     with torch.inference_mode():
         want = sdpa_attention_forward(module, q, k, v, mask, scaling=module.scaling)[0]
-        CAUSAL_STOP["on"] = False  # first the shared heads over the whole square
-        try:
-            same = torch.equal(want, _sdpa_gqa_forward(module, q, k, v, mask, scaling=module.scaling)[0])
-        finally:
-            CAUSAL_STOP["on"] = can_stop
+        same = torch.equal(want, _shared_heads(q, k, v, mask, 0.0, module.scaling, stop=False))
         # then the kernel stopped at the diagonal, checked the same way (off for the process if it differs)
-        if same and can_stop and not torch.equal(want, _sdpa_gqa_forward(module, q, k, v, mask, scaling=module.scaling)[0]):
+        if same and CAUSAL_STOP["on"] and not torch.equal(want, _shared_heads(q, k, v, mask, 0.0, module.scaling, stop=True)):
             CAUSAL_STOP["on"] = False
             log.info("attention stopped at the diagonal differs on a probe; keeping the full square")
     if not same:
