@@ -1,18 +1,24 @@
-"""teacher-tune's training step and held-out scoring with the frozen Linear weights stored in bf16 against float32
-weights cast by autocast in every forward (what teacher-tune does), side by side in one process: interleaved
-rounds, the order alternating, the same examples in both. A candidate (issue 10), not adopted: see BENCHMARKS.md
-"teacher-tune: frozen weights stored in bf16".
+"""teacher-tune's training step and held-out scoring, before and after a change, side by side in one process:
+interleaved rounds, the order alternating, the same examples in both. `--compare`:
+- `frozen-bf16` (the default): the frozen Linear weights stored in bf16 against float32 weights cast by autocast
+  in every forward (what teacher-tune does). A candidate (issue 10), not adopted: see BENCHMARKS.md
+  "teacher-tune: frozen weights stored in bf16".
+- `shared-heads`: transformers' SDPA attention against `hf_backend.share_kv_heads` (the frozen layers' attention
+  reads the shared KV heads and stops at the diagonal), which teacher-tune installs on a CPU since the twentieth
+  session: BENCHMARKS.md "teacher-tune: the frozen layers' attention as in teacher-dump".
 
 Both models are the embedded teacher loaded as `teacher-tune` loads it, wrapped by `apply_method` with the CPU
 profile's settings (params.yaml teacher_tune: LoRA r16 on the 7 projections of the top 4 layers), trained by
 `pipeline.teacher.tune.train` itself on teacher-dump's prompts (the default template, 20 candidates). Each round
 trains both models on the same next chunk of examples (a fresh optimizer per round, the same in both) and
-scores the same held-out chunk; at the end the trained adapters and all scores must be bit-identical. First, on
-a model of its own, resident memory (anonymous and file-backed: from_pretrained maps the safetensors file) after
+scores the same held-out chunk; at the end the trained adapters and all scores must be bit-identical. First
+(frozen-bf16 only), on a model of its own, resident memory (anonymous and file-backed: from_pretrained maps the safetensors file) after
 a forward as loaded, and after a forward with the frozen weights cast.
 
     .venv/bin/python benchmarks/ab_tune_frozen.py --rounds 5 --round-samples 16 \
         --json benchmarks/results/ab_tune_frozen.json
+    .venv/bin/python benchmarks/ab_tune_frozen.py --compare shared-heads --rounds 5 --round-samples 16 \
+        --json benchmarks/results/ab_tune_shared_heads_zen4.json
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prepared", type=Path, default=ROOT / "data/prepared")
     ap.add_argument("--candidates", type=Path, default=ROOT / "data/candidates/candidates.parquet")
+    ap.add_argument("--compare", choices=("frozen-bf16", "shared-heads"), default="frozen-bf16")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--round-samples", type=int, default=16, help="training prompts per round (and as many scored)")
     ap.add_argument("--batch-size", type=int, default=8)
@@ -45,6 +52,8 @@ def main() -> None:
     ap.add_argument("--top-layers", type=int, default=4)
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    ap.add_argument("--call-rounds", type=int, default=21,
+                    help="shared-heads: interleaved timings of one frozen layer's attention call alone")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
 
@@ -58,6 +67,7 @@ def main() -> None:
     from pipeline.teacher.dtype_choice import cpu_info
     from pipeline.teacher.dump import load_inputs
     from pipeline.teacher.heap import bound_kernel_caches
+    from pipeline.teacher.hf_backend import share_kv_heads
     from pipeline.teacher.tune import TuneConfig, TuneExample, apply_method, score_examples, train
 
     bound_kernel_caches()  # as run_tune does, before the first kernel
@@ -79,12 +89,16 @@ def main() -> None:
         for m in linears:
             m.weight.data = m.weight.data.to(bf16)
 
-    def load(cast_frozen: bool):
+    def load(change: bool):
         model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32)
+        if change and a.compare == "shared-heads":  # as run_tune installs it
+            switched = share_kv_heads(model, bf16)
+            if not switched:
+                sys.exit("share_kv_heads switched no attention module on this machine: nothing to compare")
         linears = frozen_linears(model)  # before LoRA's own Linear layers exist
         torch.manual_seed(0)  # LoRA's initialisation, the same in both
         wrapped = apply_method(model, cfg)  # around the float32 weights (peft casts new adapters to the base dtype)
-        if cast_frozen:
+        if change and a.compare == "frozen-bf16":
             cast(linears)
         return wrapped
 
@@ -107,19 +121,22 @@ def main() -> None:
     rng = np.random.default_rng(0)
     examples = [TuneExample(p, int(rng.integers(len(ident)))) for p in ids]
 
-    # resident memory of one model (before the timed ones exist): as loaded, then with the frozen weights cast
     rss = {"before_load": rss_mib()}
-    probe = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32)
-    one_forward(probe)
-    rss["float32_after_forward"] = rss_mib()
-    cast(frozen_linears(probe))
-    one_forward(probe)
-    rss["frozen_bf16_after_forward"] = rss_mib()
-    del probe
-    print(f"resident MiB: {rss}", file=sys.stderr, flush=True)
+    if a.compare == "frozen-bf16":
+        # resident memory of one model (before the timed ones exist): as loaded, then with the frozen weights cast
+        probe = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32)
+        one_forward(probe)
+        rss["float32_after_forward"] = rss_mib()
+        cast(frozen_linears(probe))
+        one_forward(probe)
+        rss["frozen_bf16_after_forward"] = rss_mib()
+        del probe
+        print(f"resident MiB: {rss}", file=sys.stderr, flush=True)
 
-    models = {"before": load(False), "frozen_bf16": load(True)}
+    cand = a.compare.replace("-", "_")
+    models = {"before": load(False), cand: load(True)}
     warm, train_ex, held = examples[: a.batch_size], examples[a.batch_size: a.batch_size + n], examples[a.batch_size + n:]
+    call = attention_call(models[cand], train_ex[: a.batch_size], a.call_rounds) if a.compare == "shared-heads" else None
 
     times: dict[str, dict[str, list[float]]] = {k: {"train": [], "score": []} for k in models}
     scores: dict[str, list[np.ndarray]] = {k: [] for k in models}
@@ -142,22 +159,22 @@ def main() -> None:
                                             for k, v in times.items()), file=sys.stderr, flush=True)
 
     trained = {k: {n_: p for n_, p in m.named_parameters() if p.requires_grad} for k, m in models.items()}
-    same_adapters = all(torch.equal(p, trained["before"][n_]) for n_, p in trained["frozen_bf16"].items())
-    same_scores = all(np.array_equal(x, y) for x, y in zip(scores["before"], scores["frozen_bf16"]))
-    ratio = {part: [f / b for f, b in zip(times["frozen_bf16"][part], times["before"][part])]
+    same_adapters = all(torch.equal(p, trained["before"][n_]) for n_, p in trained[cand].items())
+    same_scores = all(np.array_equal(x, y) for x, y in zip(scores["before"], scores[cand]))
+    ratio = {part: [f / b for f, b in zip(times[cand][part], times["before"][part])]
              for part in ("train", "score")}
     res = {
-        "command": "ab_tune_frozen.py " + " ".join(sys.argv[1:]),
+        "command": "ab_tune_frozen.py " + " ".join(sys.argv[1:]), "compare": a.compare,
         "cpu": cpu_info()[0], "threads": a.threads, "rounds": a.rounds, "round_samples": a.round_samples,
         "batch_size": a.batch_size, "top_layers": a.top_layers, "lora_r": a.lora_r,
         "mean_prompt_tokens": float(np.mean([len(e.input_ids) for e in train_ex])),
         "seconds": times,
         "median_seconds": {k: {p: statistics.median(v[p]) for p in v} for k, v in times.items()},
         "train_samples_per_s_median": {k: a.round_samples / statistics.median(v["train"]) for k, v in times.items()},
-        "ratio_frozen_over_before": ratio,
+        f"ratio_{'frozen' if cand == 'frozen_bf16' else cand}_over_before": ratio,
         "median_ratio": {p: statistics.median(v) for p, v in ratio.items()},
         "bit_identical_adapters": same_adapters, "bit_identical_scores": same_scores,
-        "resident_one_model_mib": rss,
+        "resident_one_model_mib": rss, "attention_call": call,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
     }
@@ -166,7 +183,45 @@ def main() -> None:
     if a.json:
         a.json.write_text(text + "\n")
     if not (same_adapters and same_scores):
-        sys.exit("the frozen bf16 weights changed the bits: see the JSON")
+        sys.exit(f"{a.compare} changed the bits: see the JSON")
+
+
+def attention_call(model, batch, rounds: int) -> dict:
+    """One frozen layer's attention call as teacher-tune makes it (float32 q/k/v of a left-padded batch under bf16
+    autocast, no gradient), through transformers' SDPA function and through the shared heads, interleaved; random
+    values of the real shapes (the kernels' time does not depend on them). Both outputs must be equal."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from pipeline.teacher.hf_backend import _sdpa_gqa_forward
+
+    module = next(m for m in model.modules() if getattr(m, "num_key_value_groups", 1) > 1 and hasattr(m, "scaling"))
+    width, n = max(len(e.input_ids) for e in batch), len(batch)
+    heads, groups, dim = model.config.num_attention_heads, module.num_key_value_groups, module.head_dim
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn((n, heads, width, dim), generator=g)
+    k, v = (torch.randn((n, heads // groups, width, dim), generator=g) for _ in range(2))
+    keep = torch.zeros((n, width), dtype=torch.bool)
+    for row, e in enumerate(batch):
+        keep[row, width - len(e.input_ids):] = True
+    mask = torch.ones((width, width), dtype=torch.bool).tril()[None, None] & keep[:, None, None, :]
+    fns = {"transformers": sdpa_attention_forward, "shared_heads": _sdpa_gqa_forward}
+    ms: dict[str, list[float]] = {k_: [] for k_ in fns}
+    outs = {}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        for r in range(rounds + 1):  # the first round warms both up, untimed
+            for name in (fns if r % 2 == 0 else list(fns)[::-1]):
+                t = time.perf_counter()
+                outs[name] = fns[name](module, q, k, v, mask, scaling=module.scaling)[0]
+                if r:
+                    ms[name].append(1000 * (time.perf_counter() - t))
+    ratio = [b / a_ for a_, b in zip(ms["transformers"], ms["shared_heads"])]
+    res = {"batch": n, "width": width, "ms": ms, "median_ms": {k_: statistics.median(v_) for k_, v_ in ms.items()},
+           "median_ratio": statistics.median(ratio), "rounds_faster": sum(x < 1 for x in ratio),
+           "bit_identical": bool(torch.equal(outs["transformers"], outs["shared_heads"]))}
+    print(f"attention call: {res['median_ms']}, ratio {res['median_ratio']:.3f}, identical {res['bit_identical']}",
+          file=sys.stderr, flush=True)
+    return res
 
 
 if __name__ == "__main__":

@@ -99,11 +99,13 @@ def _sdpa_gqa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     transformers expands them whenever there is a mask (on CUDA a masked grouped call would fall back to the
     math kernel); the CPU flash-attention kernel reads the shared head itself. On the embedded teacher's layer
     (16 prompts of 535 tokens, 9 query and 3 KV heads) 26.3 ms against 30.5 ms, bit-identical (BENCHMARKS.md,
-    "KV heads shared inside SDPA instead of copied"). Every
-    other call (no mask, no grouping, another device, autograd, a paged cache, a position bias) goes to
-    transformers' own function unchanged."""
+    "KV heads shared inside SDPA instead of copied"). Under CPU autocast (teacher-tune's frozen layers) the
+    inputs are cast as autocast casts SDPA's. Every other call (no mask, no grouping, another device, any input
+    that needs a gradient, attention dropout, a paged cache, a position bias) goes to transformers' own function
+    unchanged."""
     if (attention_mask is None or getattr(module, "num_key_value_groups", 1) <= 1 or query.device.type != "cpu"
-            or query.requires_grad or kwargs.get("cache") is not None or kwargs.get("position_bias") is not None
+            or query.requires_grad or key.requires_grad or value.requires_grad or dropout != 0.0
+            or kwargs.get("cache") is not None or kwargs.get("position_bias") is not None
             or torch.jit.is_tracing()):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
@@ -114,6 +116,15 @@ def _shared_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
                   scaling: float | None, stop: bool) -> torch.Tensor:
     """The masked CPU attention with the KV heads as they are; with `stop`, a causal prefill mask also tells
     the kernel to stop at the diagonal. Returns [batch, length, heads, dim], as transformers' function does."""
+    if torch.is_autocast_enabled("cpu"):
+        # SDPA is on CPU autocast's lower-precision list: it casts every floating input but float64 to autocast's
+        # dtype (a cast commutes with copying heads, so the kernel sees the bits it would see in transformers'
+        # call). The aten kernel below is called directly, so the cast is done here and autocast kept out of it.
+        low = torch.get_autocast_dtype("cpu")
+        query, key, value = (_autocast_cast(t, low) for t in (query, key, value))
+        mask = _autocast_cast(mask, low)
+        with torch.autocast("cpu", enabled=False):
+            return _shared_heads(query, key, value, mask, dropout, scaling, stop)
     additive = _causal_additive(mask, query) if stop and dropout == 0.0 else None
     if additive is not None:  # the same kernel, told the mask is causal: it skips the key blocks after each query's
         out = _FLASH_CPU(query, key, value, 0.0, True, attn_mask=additive, scale=scaling)[0]
@@ -121,6 +132,11 @@ def _shared_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
                                                                scale=scaling, is_causal=False, enable_gqa=True)
     return out.transpose(1, 2).contiguous()
+
+
+def _autocast_cast(t: torch.Tensor, low: torch.dtype) -> torch.Tensor:
+    """What CPU autocast does to a tensor argument of an op on its lower-precision list."""
+    return t.to(low) if t.is_floating_point() and t.dtype != torch.float64 else t
 
 
 # SDPA's CPU flash-attention kernel. Given a mask, SDPA runs it over the whole square of query x key blocks;
@@ -153,10 +169,11 @@ def _causal_additive(mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor | 
     return additive
 
 
-def _gqa_attention(model: torch.nn.Module, gen: torch.Generator) -> int:
+def _gqa_attention(model: torch.nn.Module, gen: torch.Generator, autocast: torch.dtype | None = None) -> int:
     """Switch a CPU model on transformers' SDPA attention to _sdpa_gqa_forward if its output equals SDPA's
-    bit for bit on a probe (left padding, causal mask) in the model's dtype; returns the attention modules
-    that now share their KV heads (0: left as it was)."""
+    bit for bit on a probe (left padding, causal mask) in the model's dtype, run under CPU autocast to
+    `autocast` when the model computes so (teacher-tune); returns the attention modules that now share their
+    KV heads (0: left as it was)."""
     config = getattr(model, "config", None)
     grouped = [m for m in model.modules() if getattr(m, "num_key_value_groups", 1) > 1 and hasattr(m, "scaling")]
     p = next(model.parameters(), None)
@@ -172,7 +189,7 @@ def _gqa_attention(model: torch.nn.Module, gen: torch.Generator) -> int:
     keep[0, :4] = False  # left-padded rows, as the backend batches
     keep[2, :70] = False
     mask = torch.ones((width, width), dtype=torch.bool).tril()[None, None] & keep[:, None, None, :]
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         want = sdpa_attention_forward(module, q, k, v, mask, scaling=module.scaling)[0]
         same = torch.equal(want, _shared_heads(q, k, v, mask, 0.0, module.scaling, stop=False))
         # then the kernel stopped at the diagonal, checked the same way (off for the process if it differs)
@@ -190,6 +207,17 @@ def _gqa_attention(model: torch.nn.Module, gen: torch.Generator) -> int:
         log.info("attention with shared KV heads not installed (%s); keeping transformers' SDPA", e)
         return 0
     return len(grouped) if model.config._attn_implementation == GQA_SDPA else 0
+
+
+def share_kv_heads(model: torch.nn.Module, autocast: torch.dtype | None = None) -> int:
+    """The shared-heads attention (and its stop at the diagonal) alone, probe-checked as in fuse_ops, for a model
+    that trains (teacher-tune): a call any of whose inputs needs a gradient keeps transformers' function, so only
+    the frozen layers below the trained ones and the no-grad scoring passes take it. `autocast`: the dtype the
+    model's forwards run under CPU autocast in, if they do. Returns the attention modules switched."""
+    n = _gqa_attention(model, torch.Generator().manual_seed(0), autocast)
+    log.info("attention with shared KV heads: %d modules%s", n,
+             ", stopping at the diagonal" if n and CAUSAL_STOP["on"] else "")
+    return n
 
 
 def fuse_ops(model: torch.nn.Module) -> dict[str, int]:
