@@ -3,9 +3,10 @@ interleaved rounds, the order alternating, the same examples in both. `--compare
 - `frozen-bf16` (the default): the frozen Linear weights stored in bf16 against float32 weights cast by autocast
   in every forward (what teacher-tune does). A candidate (issue 10), not adopted: see BENCHMARKS.md
   "teacher-tune: frozen weights stored in bf16".
-- `shared-heads`: transformers' SDPA attention against `hf_backend.share_kv_heads` (the frozen layers' attention
-  reads the shared KV heads and stops at the diagonal), which teacher-tune installs on a CPU since the twentieth
-  session: BENCHMARKS.md "teacher-tune: the frozen layers' attention as in teacher-dump".
+- `shared-heads`: transformers' SDPA attention against `hf_backend.share_kv_heads(train=True)` (the frozen
+  layers' attention reads the shared KV heads and stops at the diagonal, the trained layers' stops there too),
+  which teacher-tune installs on a CPU since the twentieth session: BENCHMARKS.md "teacher-tune: the attention
+  as in teacher-dump".
 
 Both models are the embedded teacher loaded as `teacher-tune` loads it, wrapped by `apply_method` with the CPU
 profile's settings (params.yaml teacher_tune: LoRA r16 on the 7 projections of the top 4 layers), trained by
@@ -66,11 +67,11 @@ def main() -> None:
     from pipeline.teacher.convert import resolve_teacher
     from pipeline.teacher.dtype_choice import cpu_info
     from pipeline.teacher.dump import load_inputs
-    from pipeline.teacher.heap import bound_kernel_caches
+    from pipeline.teacher.heap import TRAINING_KERNEL_CACHE_CAPACITY, bound_kernel_caches
     from pipeline.teacher.hf_backend import share_kv_heads
     from pipeline.teacher.tune import TuneConfig, TuneExample, apply_method, score_examples, train
 
-    bound_kernel_caches()  # as run_tune does, before the first kernel
+    bound_kernel_caches(TRAINING_KERNEL_CACHE_CAPACITY)  # as run_tune does, before the first kernel
     torch.set_num_threads(a.threads)
     load_before = os.getloadavg()
     bf16 = torch.bfloat16
@@ -92,7 +93,7 @@ def main() -> None:
     def load(change: bool):
         model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32)
         if change and a.compare == "shared-heads":  # as run_tune installs it
-            switched = share_kv_heads(model, bf16)
+            switched = share_kv_heads(model, bf16, train=True)
             if not switched:
                 sys.exit("share_kv_heads switched no attention module on this machine: nothing to compare")
         linears = frozen_linears(model)  # before LoRA's own Linear layers exist
@@ -182,14 +183,15 @@ def main() -> None:
     print(text)
     if a.json:
         a.json.write_text(text + "\n")
-    if not (same_adapters and same_scores):
+    if not (same_adapters and same_scores and (call is None or (call["frozen"]["bit_identical"] and call["trained"]["bit_identical"]))):
         sys.exit(f"{a.compare} changed the bits: see the JSON")
 
 
 def attention_call(model, batch, rounds: int) -> dict:
-    """One frozen layer's attention call as teacher-tune makes it (float32 q/k/v of a left-padded batch under bf16
-    autocast, no gradient), through transformers' SDPA function and through the shared heads, interleaved; random
-    values of the real shapes (the kernels' time does not depend on them). Both outputs must be equal."""
+    """One layer's attention call as teacher-tune makes it (float32 q/k/v of a left-padded batch under bf16
+    autocast), through transformers' SDPA function and through `_sdpa_gqa_forward`, interleaved: a frozen layer's
+    (no gradient) and a trained layer's (q/k/v need gradients; forward and backward). Random values of the real
+    shapes (the kernels' time does not depend on them); outputs and gradients must be equal."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -206,21 +208,29 @@ def attention_call(model, batch, rounds: int) -> dict:
         keep[row, width - len(e.input_ids):] = True
     mask = torch.ones((width, width), dtype=torch.bool).tril()[None, None] & keep[:, None, None, :]
     fns = {"transformers": sdpa_attention_forward, "shared_heads": _sdpa_gqa_forward}
-    ms: dict[str, list[float]] = {k_: [] for k_ in fns}
-    outs = {}
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+    grad_out = torch.randn((n, width, heads, dim), generator=g).to(torch.bfloat16)
+    res = {"batch": n, "width": width}
+    for part in ("frozen", "trained"):
+        ms: dict[str, list[float]] = {k_: [] for k_ in fns}
+        outs = {}
         for r in range(rounds + 1):  # the first round warms both up, untimed
             for name in (fns if r % 2 == 0 else list(fns)[::-1]):
+                leaves = [t.clone().requires_grad_(part == "trained") for t in (q, k, v)]
                 t = time.perf_counter()
-                outs[name] = fns[name](module, q, k, v, mask, scaling=module.scaling)[0]
+                with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+                    out = fns[name](module, *leaves, mask, scaling=module.scaling)[0]
+                if part == "trained":
+                    out.backward(grad_out)
                 if r:
                     ms[name].append(1000 * (time.perf_counter() - t))
-    ratio = [b / a_ for a_, b in zip(ms["transformers"], ms["shared_heads"])]
-    res = {"batch": n, "width": width, "ms": ms, "median_ms": {k_: statistics.median(v_) for k_, v_ in ms.items()},
-           "median_ratio": statistics.median(ratio), "rounds_faster": sum(x < 1 for x in ratio),
-           "bit_identical": bool(torch.equal(outs["transformers"], outs["shared_heads"]))}
-    print(f"attention call: {res['median_ms']}, ratio {res['median_ratio']:.3f}, identical {res['bit_identical']}",
-          file=sys.stderr, flush=True)
+                outs[name] = [out.detach()] + [x.grad for x in leaves if x.grad is not None]
+        ratio = [b / a_ for a_, b in zip(ms["transformers"], ms["shared_heads"])]
+        res[part] = {"ms": ms, "median_ms": {k_: statistics.median(v_) for k_, v_ in ms.items()},
+                     "median_ratio": statistics.median(ratio), "rounds_faster": sum(x < 1 for x in ratio),
+                     "bit_identical": len(outs["transformers"]) == len(outs["shared_heads"])
+                     and all(torch.equal(x, y) for x, y in zip(outs["transformers"], outs["shared_heads"]))}
+        print(f"attention call, {part} layer: {res[part]['median_ms']}, ratio {res[part]['median_ratio']:.3f}, "
+              f"identical {res[part]['bit_identical']}", file=sys.stderr, flush=True)
     return res
 
 

@@ -20,7 +20,7 @@ from typing import Literal
 import numpy as np
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from pipeline.teacher.dtype_choice import choose_dtype
@@ -100,16 +100,43 @@ def _sdpa_gqa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     math kernel); the CPU flash-attention kernel reads the shared head itself. On the embedded teacher's layer
     (16 prompts of 535 tokens, 9 query and 3 KV heads) 26.3 ms against 30.5 ms, bit-identical (BENCHMARKS.md,
     "KV heads shared inside SDPA instead of copied"). Under CPU autocast (teacher-tune's frozen layers) the
-    inputs are cast as autocast casts SDPA's. Every other call (no mask, no grouping, another device, any input
-    that needs a gradient, attention dropout, a paged cache, a position bias) goes to transformers' own function
-    unchanged."""
+    inputs are cast as autocast casts SDPA's. A call any of whose q/k/v needs a gradient (teacher-tune's trained
+    layers) keeps transformers' copies of the KV heads (the kernel's own sum over a shared head's gradients
+    rounds otherwise) and stops at the diagonal only where a training probe allowed it (_stopped_copies). Every
+    other call (no mask, no grouping, another device, attention dropout, a paged cache, a position bias) goes to
+    transformers' own function unchanged."""
     if (attention_mask is None or getattr(module, "num_key_value_groups", 1) <= 1 or query.device.type != "cpu"
-            or query.requires_grad or key.requires_grad or value.requires_grad or dropout != 0.0
-            or kwargs.get("cache") is not None or kwargs.get("position_bias") is not None
+            or dropout != 0.0 or kwargs.get("cache") is not None or kwargs.get("position_bias") is not None
             or torch.jit.is_tracing()):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    if query.requires_grad or key.requires_grad or value.requires_grad:
+        low = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
+        out = _stopped_copies(query, key, value, attention_mask, module.num_key_value_groups, scaling) \
+            if CAUSAL_STOP["on"] and low in CAUSAL_STOP["train"] else None
+        if out is None:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                          is_causal=is_causal, **kwargs)
+        return out, None
     return _shared_heads(query, key, value, attention_mask, dropout, scaling, stop=CAUSAL_STOP["on"]), None
+
+
+def _stopped_copies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, groups: int,
+                    scaling: float | None) -> torch.Tensor | None:
+    """transformers' masked call as it is (the KV heads copied `groups` times, then SDPA's CPU flash kernel,
+    cast as autocast casts it), except that a causal prefill mask also tells the kernel to stop at the
+    diagonal; autograd runs the kernel's own backward, which then skips the same blocks. None for any other
+    mask. Returns [batch, length, heads, dim]."""
+    low = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    if low is not None:
+        query, key, value = (_autocast_cast(t, low) for t in (query, key, value))
+    additive = _causal_additive(mask, query)
+    if additive is None:
+        return None
+    with torch.autocast("cpu", enabled=False):
+        out = _FLASH_CPU(query, key, value, 0.0, True, attn_mask=additive, scale=scaling)[0]
+    return out.transpose(1, 2).contiguous()
 
 
 def _shared_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, dropout: float,
@@ -146,9 +173,11 @@ def _autocast_cast(t: torch.Tensor, low: torch.dtype) -> torch.Tensor:
 # real teacher). The kernel skips about half its blocks but saves only 7-9% of its time, 0.986x the dump's on a
 # Zen 4 (BENCHMARKS.md, "the attention kernel stops at the diagonal").
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-# On while the kernel exists and no probe (_gqa_attention) has seen it differ from the full square; a switch
-# for benchmarks/ab_gqa_attention.py --compare causal.
-CAUSAL_STOP = {"on": _FLASH_CPU is not None}
+# "on": while the kernel exists and no probe (_gqa_attention) has seen it differ from the full square; a switch
+# for benchmarks/ab_gqa_attention.py --compare causal. "train": the compute dtypes for which calls that need
+# gradients stop too, each added once a training probe (share_kv_heads(train=True)) saw the same output and
+# gradients.
+CAUSAL_STOP: dict = {"on": _FLASH_CPU is not None, "train": set()}
 _last_mask: list = [None, None]  # the last boolean mask seen (a weakref) and its additive form, or None
 
 
@@ -169,6 +198,18 @@ def _causal_additive(mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor | 
     return additive
 
 
+def _probe_inputs(module: torch.nn.Module, dtype: torch.dtype, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """q, k, v and a left-padded causal boolean mask for an attention probe: 3 rows of 530 tokens, wide enough for
+    several query blocks and two key blocks of the CPU flash kernel (32-256 and 512 wide)."""
+    n, heads_kv, width, dim = 3, 2, 530, int(getattr(module, "head_dim", 64))
+    q = torch.randn((n, heads_kv * module.num_key_value_groups, width, dim), generator=gen).to(dtype)
+    k, v = (torch.randn((n, heads_kv, width, dim), generator=gen).to(dtype) for _ in range(2))
+    keep = torch.ones((n, width), dtype=torch.bool)
+    keep[0, :4] = False  # left-padded rows, as the backend batches
+    keep[2, :70] = False
+    return q, k, v, torch.ones((width, width), dtype=torch.bool).tril()[None, None] & keep[:, None, None, :]
+
+
 def _gqa_attention(model: torch.nn.Module, gen: torch.Generator, autocast: torch.dtype | None = None) -> int:
     """Switch a CPU model on transformers' SDPA attention to _sdpa_gqa_forward if its output equals SDPA's
     bit for bit on a probe (left padding, causal mask) in the model's dtype, run under CPU autocast to
@@ -181,14 +222,7 @@ def _gqa_attention(model: torch.nn.Module, gen: torch.Generator, autocast: torch
             or p.device.type != "cpu" or not hasattr(model, "set_attn_implementation")):
         return 0
     module = grouped[0]
-    # wide enough for several query blocks and two key blocks of the CPU flash kernel (32-256 and 512 wide)
-    n, heads_kv, width, dim = 3, 2, 530, int(getattr(module, "head_dim", 64))
-    q = torch.randn((n, heads_kv * module.num_key_value_groups, width, dim), generator=gen).to(p.dtype)
-    k, v = (torch.randn((n, heads_kv, width, dim), generator=gen).to(p.dtype) for _ in range(2))
-    keep = torch.ones((n, width), dtype=torch.bool)
-    keep[0, :4] = False  # left-padded rows, as the backend batches
-    keep[2, :70] = False
-    mask = torch.ones((width, width), dtype=torch.bool).tril()[None, None] & keep[:, None, None, :]
+    q, k, v, mask = _probe_inputs(module, p.dtype, gen)
     with torch.inference_mode(), torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         want = sdpa_attention_forward(module, q, k, v, mask, scaling=module.scaling)[0]
         same = torch.equal(want, _shared_heads(q, k, v, mask, 0.0, module.scaling, stop=False))
@@ -209,15 +243,43 @@ def _gqa_attention(model: torch.nn.Module, gen: torch.Generator, autocast: torch
     return len(grouped) if model.config._attn_implementation == GQA_SDPA else 0
 
 
-def share_kv_heads(model: torch.nn.Module, autocast: torch.dtype | None = None) -> int:
+def share_kv_heads(model: torch.nn.Module, autocast: torch.dtype | None = None, train: bool = False) -> int:
     """The shared-heads attention (and its stop at the diagonal) alone, probe-checked as in fuse_ops, for a model
-    that trains (teacher-tune): a call any of whose inputs needs a gradient keeps transformers' function, so only
-    the frozen layers below the trained ones and the no-grad scoring passes take it. `autocast`: the dtype the
-    model's forwards run under CPU autocast in, if they do. Returns the attention modules switched."""
-    n = _gqa_attention(model, torch.Generator().manual_seed(0), autocast)
-    log.info("attention with shared KV heads: %d modules%s", n,
-             ", stopping at the diagonal" if n and CAUSAL_STOP["on"] else "")
+    that trains (teacher-tune): the frozen layers below the trained ones and the no-grad scoring passes take it;
+    a call any of whose inputs needs a gradient keeps transformers' copied KV heads, and with `train` its kernel
+    also stops at the diagonal if a probe of the output and the three gradients allows it. `autocast`: the dtype
+    the model's forwards run under CPU autocast in, if they do. Returns the attention modules switched."""
+    gen = torch.Generator().manual_seed(0)
+    n = _gqa_attention(model, gen, autocast)
+    trained = bool(n and train and CAUSAL_STOP["on"] and _training_probe(model, gen, autocast))
+    log.info("attention with shared KV heads: %d modules%s%s", n,
+             ", stopping at the diagonal" if n and CAUSAL_STOP["on"] else "",
+             "; trained layers stop at the diagonal too" if trained else "")
     return n
+
+
+def _training_probe(model: torch.nn.Module, gen: torch.Generator, autocast: torch.dtype | None) -> bool:
+    """Whether _stopped_copies gives transformers' output and q/k/v gradients bit for bit (left padding, a causal
+    mask, two key blocks, under `autocast`); if so, calls that need gradients in that compute dtype stop too."""
+    module = next(m for m in model.modules() if getattr(m, "num_key_value_groups", 1) > 1 and hasattr(m, "scaling"))
+    p = next(model.parameters())
+    q, k, v, mask = _probe_inputs(module, p.dtype, gen)
+    groups = module.num_key_value_groups
+    grad_out = torch.randn(q.transpose(1, 2).shape, generator=gen)
+    got = []
+    for fn in (lambda a, b, c: sdpa_attention_forward(module, a, b, c, mask, scaling=module.scaling)[0],
+               lambda a, b, c: _stopped_copies(a, b, c, mask, groups, module.scaling)):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            out = fn(*leaves)
+        out.backward(grad_out.to(out.dtype))
+        got.append([out.detach()] + [t.grad for t in leaves])
+    same = all(torch.equal(a, b) for a, b in zip(*got))
+    if same:
+        CAUSAL_STOP["train"].add(autocast or p.dtype)
+    else:
+        log.info("attention with gradients stopped at the diagonal differs on a probe; keeping the full square")
+    return same
 
 
 def fuse_ops(model: torch.nn.Module) -> dict[str, int]:

@@ -160,10 +160,10 @@ def run_tune(cfg: TuneRunConfig, prepared: Path, student: Path, out: Path,
     tokenizer = AutoTokenizer.from_pretrained(source.location)
     # Weights stay float32 (the optimizer needs them); bf16 runs as autocast where it was chosen.
     model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32).to(device)
-    if device.type == "cpu":  # the frozen layers' attention reads the shared KV heads and stops at the diagonal: same bits
-        from pipeline.teacher.hf_backend import share_kv_heads
+    if device.type == "cpu":  # attention as teacher-dump's (KV heads shared in the frozen layers, stopped at the diagonal
+        from pipeline.teacher.hf_backend import share_kv_heads  # in all): the same bits, probe-checked
 
-        share_kv_heads(model, choice.dtype if choice.dtype != torch.float32 else None)
+        share_kv_heads(model, choice.dtype if choice.dtype != torch.float32 else None, train=True)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     context = int(getattr(model.config, "max_position_embeddings", 4096))
     render = Renderer(tokenizer, data, cfg, context)
