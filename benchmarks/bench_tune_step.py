@@ -45,8 +45,9 @@ def flops(cfg, n_params_nonemb: int, n_layer_params: int, lengths: list[int], to
 
 
 def load_tune_model(prepared: Path, candidates: Path, n: int, dtype: str):
-    """As teacher-tune loads it: (dtype choice, bf16 or None, float32 model, pad id, identifier ids, the first n
-    of teacher-dump's default prompts as TuneExamples with seeded random labels)."""
+    """As teacher-tune loads it on a CPU (the caller bounds the kernel caches first, as run_tune does): (dtype
+    choice, bf16 or None, float32 model with run_tune's attention, pad id, identifier ids, the first n of
+    teacher-dump's default prompts as TuneExamples with seeded random labels)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -55,11 +56,14 @@ def load_tune_model(prepared: Path, candidates: Path, n: int, dtype: str):
     from pipeline.teacher.dump import load_inputs
     from pipeline.teacher.tune import TuneExample
 
+    from pipeline.teacher.hf_backend import share_kv_heads
+
     source = resolve_teacher("embedded")
     choice = choose_dtype(dtype, torch.device("cpu"))
     bf16 = torch.bfloat16 if choice.dtype == torch.bfloat16 else None
     tokenizer = AutoTokenizer.from_pretrained(source.location)
     model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32)
+    share_kv_heads(model, bf16, train=True)  # as run_tune on a CPU (the attention as in teacher-dump, same bits)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     shim = SimpleNamespace(tokenizer=tokenizer, context_length=int(model.config.max_position_embeddings))
     ident, ids = prompt_ids(load_inputs(prepared, candidates, limit=n), shim)
@@ -84,8 +88,10 @@ def main() -> None:
     import torch
 
     from pipeline.teacher.dtype_choice import cpu_info
+    from pipeline.teacher.heap import TRAINING_KERNEL_CACHE_CAPACITY, bound_kernel_caches
     from pipeline.teacher.tune import TuneConfig, apply_method, score_examples, train
 
+    bound_kernel_caches(TRAINING_KERNEL_CACHE_CAPACITY)  # as teacher-tune (tune_run.run_tune), before any kernel
     torch.set_num_threads(a.threads)
     load_before = os.getloadavg()
     choice, bf16, model, pad_id, ident, examples = load_tune_model(a.prepared, a.candidates,
