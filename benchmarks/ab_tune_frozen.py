@@ -195,9 +195,9 @@ def attention_call(model, batch, rounds: int) -> dict:
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from pipeline.teacher.hf_backend import _sdpa_gqa_forward
+    from pipeline.teacher.hf_backend import _grouped_attention, _sdpa_gqa_forward
 
-    module = next(m for m in model.modules() if getattr(m, "num_key_value_groups", 1) > 1 and hasattr(m, "scaling"))
+    module = _grouped_attention(model)[0]
     width, n = max(len(e.input_ids) for e in batch), len(batch)
     heads, groups, dim = model.config.num_attention_heads, module.num_key_value_groups, module.head_dim
     g = torch.Generator().manual_seed(0)

@@ -127,13 +127,12 @@ def _stopped_copies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     cast as autocast casts it), except that a causal prefill mask also tells the kernel to stop at the
     diagonal; autograd runs the kernel's own backward, which then skips the same blocks. None for any other
     mask. Returns [batch, length, heads, dim]."""
-    low = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    if low is not None:
-        query, key, value = (_autocast_cast(t, low) for t in (query, key, value))
+    (query,) = _autocast_inputs(query)
     additive = _causal_additive(mask, query)
     if additive is None:
         return None
+    # copied before the cast, as transformers does: the copies' gradients are then summed in float32
+    key, value = _autocast_inputs(repeat_kv(key, groups), repeat_kv(value, groups))
     with torch.autocast("cpu", enabled=False):
         out = _FLASH_CPU(query, key, value, 0.0, True, attn_mask=additive, scale=scaling)[0]
     return out.transpose(1, 2).contiguous()
@@ -143,27 +142,32 @@ def _shared_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
                   scaling: float | None, stop: bool) -> torch.Tensor:
     """The masked CPU attention with the KV heads as they are; with `stop`, a causal prefill mask also tells
     the kernel to stop at the diagonal. Returns [batch, length, heads, dim], as transformers' function does."""
-    if torch.is_autocast_enabled("cpu"):
-        # SDPA is on CPU autocast's lower-precision list: it casts every floating input but float64 to autocast's
-        # dtype (a cast commutes with copying heads, so the kernel sees the bits it would see in transformers'
-        # call). The aten kernel below is called directly, so the cast is done here and autocast kept out of it.
-        low = torch.get_autocast_dtype("cpu")
-        query, key, value = (_autocast_cast(t, low) for t in (query, key, value))
-        mask = _autocast_cast(mask, low)
-        with torch.autocast("cpu", enabled=False):
-            return _shared_heads(query, key, value, mask, dropout, scaling, stop)
+    # (a cast commutes with copying heads forward, so the kernel sees the bits of transformers' call)
+    query, key, value, mask = _autocast_inputs(query, key, value, mask)
     additive = _causal_additive(mask, query) if stop and dropout == 0.0 else None
-    if additive is not None:  # the same kernel, told the mask is causal: it skips the key blocks after each query's
-        out = _FLASH_CPU(query, key, value, 0.0, True, attn_mask=additive, scale=scaling)[0]
-    else:  # with a mask transformers' function passes is_causal=False and the mask unchanged
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
-                                                               scale=scaling, is_causal=False, enable_gqa=True)
+    with torch.autocast("cpu", enabled=False):
+        if additive is not None:  # the same kernel, told the mask is causal: it skips the key blocks after each query's
+            out = _FLASH_CPU(query, key, value, 0.0, True, attn_mask=additive, scale=scaling)[0]
+        else:  # with a mask transformers' function passes is_causal=False and the mask unchanged
+            out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
+                                                                   dropout_p=dropout, scale=scaling, is_causal=False,
+                                                                   enable_gqa=True)
     return out.transpose(1, 2).contiguous()
 
 
-def _autocast_cast(t: torch.Tensor, low: torch.dtype) -> torch.Tensor:
-    """What CPU autocast does to a tensor argument of an op on its lower-precision list."""
-    return t.to(low) if t.is_floating_point() and t.dtype != torch.float64 else t
+def _autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """What CPU autocast does to the tensor arguments of an op on its lower-precision list, as SDPA is: every
+    floating tensor but float64 cast to autocast's dtype; unchanged outside autocast. The aten kernel is called
+    directly (it is not on the list), so its callers cast with this and keep autocast out of the call."""
+    if not torch.is_autocast_enabled("cpu"):
+        return tensors
+    low = torch.get_autocast_dtype("cpu")
+    return tuple(t.to(low) if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors)
+
+
+def _grouped_attention(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's grouped-query attention modules (fewer KV heads than query heads)."""
+    return [m for m in model.modules() if getattr(m, "num_key_value_groups", 1) > 1 and hasattr(m, "scaling")]
 
 
 # SDPA's CPU flash-attention kernel. Given a mask, SDPA runs it over the whole square of query x key blocks;
@@ -216,7 +220,7 @@ def _gqa_attention(model: torch.nn.Module, gen: torch.Generator, autocast: torch
     `autocast` when the model computes so (teacher-tune); returns the attention modules that now share their
     KV heads (0: left as it was)."""
     config = getattr(model, "config", None)
-    grouped = [m for m in model.modules() if getattr(m, "num_key_value_groups", 1) > 1 and hasattr(m, "scaling")]
+    grouped = _grouped_attention(model)
     p = next(model.parameters(), None)
     if (config is None or getattr(config, "_attn_implementation", None) != "sdpa" or not grouped or p is None
             or p.device.type != "cpu" or not hasattr(model, "set_attn_implementation")):
@@ -261,7 +265,7 @@ def share_kv_heads(model: torch.nn.Module, autocast: torch.dtype | None = None, 
 def _training_probe(model: torch.nn.Module, gen: torch.Generator, autocast: torch.dtype | None) -> bool:
     """Whether _stopped_copies gives transformers' output and q/k/v gradients bit for bit (left padding, a causal
     mask, two key blocks, under `autocast`); if so, calls that need gradients in that compute dtype stop too."""
-    module = next(m for m in model.modules() if getattr(m, "num_key_value_groups", 1) > 1 and hasattr(m, "scaling"))
+    module = _grouped_attention(model)[0]
     p = next(model.parameters())
     q, k, v, mask = _probe_inputs(module, p.dtype, gen)
     groups = module.num_key_value_groups

@@ -160,10 +160,11 @@ def run_tune(cfg: TuneRunConfig, prepared: Path, student: Path, out: Path,
     tokenizer = AutoTokenizer.from_pretrained(source.location)
     # Weights stay float32 (the optimizer needs them); bf16 runs as autocast where it was chosen.
     model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32).to(device)
+    bf16 = torch.bfloat16 if choice.dtype == torch.bfloat16 else None  # autocast per forward, inside the loop
     if device.type == "cpu":  # attention as teacher-dump's (KV heads shared in the frozen layers, stopped at the diagonal
         from pipeline.teacher.hf_backend import share_kv_heads  # in all): the same bits, probe-checked
 
-        share_kv_heads(model, choice.dtype if choice.dtype != torch.float32 else None, train=True)
+        share_kv_heads(model, bf16, train=True)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     context = int(getattr(model.config, "max_position_embeddings", 4096))
     render = Renderer(tokenizer, data, cfg, context)
@@ -186,7 +187,6 @@ def run_tune(cfg: TuneRunConfig, prepared: Path, student: Path, out: Path,
 
     examples = LazyExamples(len(users), make)
     ev, ev_shown, ev_student, ev_users = eval_examples(data, hold_users, retriever, render, cfg.tune.seed)
-    bf16 = torch.bfloat16 if choice.dtype == torch.bfloat16 else None  # autocast per forward, inside the loop
     zero_shot = score_examples(model, ev, render.ident_ids, pad_id, cfg.eval_batch_size, compute_dtype=bf16)
     # LoRA's initial A matrices come from torch's global generator: seeded here, so a run depends on its seed and
     # not on what drew random numbers before (the dtype probe draws only when the CPU flags do not decide)
