@@ -123,8 +123,8 @@ def student_train(
     patience: Annotated[int, typer.Option(min=1, help="Early stopping on validation NDCG@10.")] = TrainConfig.patience,
     stride: Annotated[int | None, typer.Option(min=1, help="Window step over long sequences (default max-len).")] = None,
     seed: Annotated[int, typer.Option()] = TrainConfig.seed,
-    threads: Annotated[int, typer.Option(min=0, help="torch threads; 0 = torch's default. Distilling on 2 or more, the teacher "
-                                                   "branch runs in a second thread (2 gives 1's result, faster).")] = 0,
+    threads: Annotated[int, typer.Option(min=0, help="torch threads; 0 = torch's default. On 2 or more a second thread runs "
+                                                   "the teacher branch (distilling) or draws the dropout masks (baseline): 2 gives 1's result, faster.")] = 0,
 ) -> None:
     """Train SASRec with full-softmax CE (or BCE), early stopping on validation NDCG@10, and report metrics."""
     if loss not in ("ce", "bce"):
@@ -190,16 +190,20 @@ def student_train(
         if init == "baseline":
             init_from_baseline(model, baseline, data)
         objective = DistillObjective(dcfg, data, [p for st in stores for p in st.shard_paths], hidden, max_len)
-    # Distillation on two threads or more: the teacher branch runs beside the next-item branch, each on half
-    # the threads (train.fit; 1 and 2 threads give the same bits: one thread per branch either way).
+    # On two threads or more, distillation runs its teacher branch beside the next-item branch, each on half the
+    # threads; the baseline draws its dropout masks in a helper thread and trains on the others. Either way 1 and
+    # 2 threads give the same bits (one training thread), and validation uses all of them (train.fit).
     n_threads = torch.get_num_threads()  # --threads, or torch's default for 0
     concurrent = objective is not None and n_threads >= 2
-    if concurrent:
-        torch.set_num_threads(n_threads // 2)
+    draw_ahead = objective is None and n_threads >= 2
+    if concurrent or draw_ahead:
+        torch.set_num_threads(n_threads // 2 if concurrent else n_threads - 1)
     log.info("training %s on %d users, %d items (threads=%d%s)", run, data.n_users, data.n_items, torch.get_num_threads(),
-             ", the teacher branch in a second thread" if concurrent else "")
+             ", the teacher branch in a second thread" if concurrent else
+             ", dropout masks drawn ahead in a second thread" if draw_ahead else "")
     result = fit(model, data, tcfg, objective=objective, show_progress=os.environ.get("GEDISTILL_NO_PROGRESS") is None,
-                 concurrent=concurrent)
+                 concurrent=concurrent, draw_ahead=draw_ahead, eval_threads=n_threads)
+    torch.set_num_threads(n_threads)
     out.mkdir(parents=True, exist_ok=True)
     # An older checkpoint in `out` stops being loadable before any of its files is replaced, so a write
     # that fails half-way never leaves old weights beside new ranks; the metrics file comes last.

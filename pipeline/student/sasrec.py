@@ -7,6 +7,7 @@ amount of padding never changes a score. Scores are dot products with the item e
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -22,11 +23,29 @@ from torch import Tensor, nn
 FAST_TRAIN_OPS = True
 
 
+class _MaskSource(threading.local):
+    """Per thread: an object whose take(shape, dtype, p) hands out the masks of torch's default generator drawn
+    ahead, in order, by another thread (train.MaskFeed); None: dropout() draws them itself."""
+    feed = None
+
+
+MASKS = _MaskSource()
+
+
+def draw_mask(shape: torch.Size | tuple[int, ...], dtype: torch.dtype, p: float,
+              gen: torch.Generator | None = None) -> Tensor:
+    """The fast path's dropout mask, already divided by keep = 1 - p (0 < p < 1)."""
+    keep = 1.0 - p
+    noise = (torch.rand(shape, dtype=torch.float64, generator=gen) < keep).to(dtype)  # = empty_like(x).bernoulli_(keep)
+    return noise.div_(keep)
+
+
 def dropout(x: Tensor, p: float, training: bool, gen: torch.Generator | None = None) -> Tensor:
     """F.dropout(x, p, training), bit for bit (same mask, same generator state after) on a CPU, faster.
 
     gen: draw the mask from this generator instead of torch's default one (the distillation's teacher pass,
-    which may run in another thread than the next-item pass: train.fit)."""
+    which may run in another thread than the next-item pass: train.fit). With gen None and a feed installed in
+    MASKS for this thread, the mask comes from the feed (drawn ahead from the default generator, the same bits)."""
     if not training or p == 0.0:
         return x
     if not FAST_TRAIN_OPS or x.device.type != "cpu" or not 0.0 < p < 1.0:
@@ -36,10 +55,8 @@ def dropout(x: Tensor, p: float, training: bool, gen: torch.Generator | None = N
             return x * 0.0
         keep = 1.0 - p
         return x * torch.empty_like(x).bernoulli_(keep, generator=gen).div_(keep)  # F.dropout's own ops
-    keep = 1.0 - p
-    noise = (torch.rand(x.shape, dtype=torch.float64, generator=gen) < keep).to(x.dtype)  # = empty_like(x).bernoulli_(keep)
-    noise.div_(keep)
-    return x * noise
+    feed = MASKS.feed if gen is None else None
+    return x * (feed.take(x.shape, x.dtype, p) if feed is not None else draw_mask(x.shape, x.dtype, p, gen))
 
 
 def attention_train(q: Tensor, k: Tensor, v: Tensor, add_mask: Tensor, p: float,

@@ -6,7 +6,10 @@ import contextlib
 import copy
 import logging
 import math
+import queue
+import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable, Literal, Protocol
@@ -109,6 +112,20 @@ def evaluate(model: SASRec, prepared: Prepared, split: Literal["valid", "test"],
     return summarize(rank_targets(model, h, t, masked))
 
 
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """torch's thread count set to n inside the block (None or 0: unchanged)."""
+    was = torch.get_num_threads()
+    if not n or n == was:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(was)
+
+
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                     TimeElapsedColumn(), TimeRemainingColumn(), transient=True)
@@ -131,8 +148,119 @@ def _add_grads(params: list[nn.Parameter], *branches: list[Tensor | None]) -> No
         p.grad = g
 
 
+class MaskFeed:
+    """The baseline's dropout masks drawn ahead in a helper thread, in the order the training steps ask for them
+    (issue 10: the baseline trains on one core; drawing its masks, a serial Mersenne-twister loop in float64,
+    took 7% of a step's operator time in a profile, more with the compare and the cast).
+
+    Every mask of a training step comes from torch's default generator through sasrec.dropout, and nothing
+    else draws from it while the feed runs, so a helper that draws the same shapes in the same order yields the
+    same masks and leaves the generator where the steps alone would. The first step runs with its draws made in
+    place and recorded (the shapes, with dim 0 the step's batch size); the helper then replays that record step
+    after step with each step's batch size (`sizes`, the same in every epoch), at most `depth` steps ahead. Each
+    mask handed out is checked against the shape, dtype and p asked for, and a step must use all of its masks:
+    anything else raises instead of training on other masks. close() stops the helper and puts the generator
+    back to its state before the first step drawn but not trained on, so a stop at any step leaves it as the
+    plain loop would.
+    """
+
+    def __init__(self, sizes: list[int], depth: int = 2):
+        self.sizes, self.depth = sizes, depth
+        self.tape: list[tuple[tuple[int, ...], torch.dtype, float]] | None = None
+        self.off = False  # a record the helper cannot replay (a draw whose dim 0 is not the batch): draw in place
+        self.recording: list[tuple[tuple[int, ...], torch.dtype, float]] | None = None
+        self.current: deque = deque()
+        self.states: deque = deque()  # the generator's state before each step drawn ahead and not yet trained on
+        self.q: queue.Queue = queue.Queue(depth)
+        self.halt = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.k = 0  # the index of the next step, counted over epochs
+
+    def take(self, shape: torch.Size, dtype: torch.dtype, p: float) -> Tensor:
+        if self.recording is not None:
+            self.recording.append((tuple(shape), dtype, p))
+            return sasrec.draw_mask(shape, dtype, p)
+        if not self.current:
+            raise RuntimeError(f"step {self.k}: a dropout mask {tuple(shape)} beyond those the first step drew; "
+                               "the masks drawn ahead would differ (a bug: please report it)")
+        want, mask = self.current.popleft()
+        if want != (tuple(shape), dtype, p):
+            raise RuntimeError(f"step {self.k}: a dropout mask {(tuple(shape), dtype, p)} asked for where the first "
+                               f"step drew {want} (a bug: please report it)")
+        return mask
+
+    def _draw(self, start: int) -> None:
+        k = start
+        try:
+            while not self.halt.is_set():
+                b = self.sizes[k % len(self.sizes)]
+                self.states.append(torch.default_generator.get_state())
+                masks = [(((b,) + s[1:]), d, p) for s, d, p in self.tape]
+                item = (k, [(m, sasrec.draw_mask(m[0], m[1], m[2])) for m in masks])
+                while not self.halt.is_set():
+                    try:
+                        self.q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                k += 1
+        except BaseException as e:  # handed to the training thread, which raises it
+            self.q.put((None, e))
+
+    @contextlib.contextmanager
+    def step(self):
+        """One training step: its masks installed for this thread's sasrec.dropout."""
+        b = self.sizes[self.k % len(self.sizes)]
+        if self.off:
+            yield
+            self.k += 1
+            return
+        if self.tape is None:
+            self.recording = []
+        else:
+            k, masks = self.q.get()
+            if k is None:
+                raise RuntimeError("drawing dropout masks ahead failed") from masks
+            if k != self.k:
+                raise RuntimeError(f"the masks drawn for step {k} handed to step {self.k} (a bug: please report it)")
+            self.current = deque(masks)
+        sasrec.MASKS.feed = self
+        try:
+            yield
+        finally:
+            sasrec.MASKS.feed = None
+        if self.tape is None:
+            rec, self.recording = self.recording, None
+            if any(s[0] != b for s, _, _ in rec):
+                self.off = True
+                log.info("dropout masks drawn in place: a mask's first dimension is not the batch's")
+            else:
+                self.tape = rec
+                self.thread = threading.Thread(target=self._draw, args=(self.k + 1,), name="dropout-masks", daemon=True)
+                self.thread.start()
+        else:
+            self.states.popleft()
+            if self.current:
+                raise RuntimeError(f"step {self.k} used {len(masks) - len(self.current)} of the {len(masks)} dropout "
+                                   "masks drawn for it (a bug: please report it)")
+        self.k += 1
+
+    def close(self) -> None:
+        if self.thread is None:
+            return
+        self.halt.set()
+        while self.thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self.q.get(timeout=0.05)
+        self.thread.join()
+        if self.states:  # drawn ahead and not trained on: undo those draws
+            torch.default_generator.set_state(self.states[0])
+        self.thread = None
+
+
 def fit(model: SASRec, prepared: Prepared, cfg: TrainConfig, objective: Objective | None = None,
-        show_progress: bool = True, concurrent: bool = False) -> FitResult:
+        show_progress: bool = True, concurrent: bool = False, draw_ahead: bool = False,
+        eval_threads: int | None = None) -> FitResult:
     """Train with early stopping on validation NDCG@10.
 
     An objective with `own_rng = True` (the distillation: its pass draws no random number from torch's
@@ -141,6 +269,11 @@ def fit(model: SASRec, prepared: Prepared, cfg: TrainConfig, objective: Objectiv
     `concurrent` runs the objective's branch in a second thread, beside the next-item branch, or not
     (issue 10: a distilled step on two cores in about the time of a baseline step on one). Any other
     objective is added to the loss and differentiated with it, as before.
+
+    draw_ahead (without an objective): the dropout masks are drawn by a helper thread a step or two ahead
+    (MaskFeed), the same masks in the same order, so the result is the same as without it. eval_threads: torch
+    threads for each epoch's validation, which gives the same ranks on any number (the training threads are
+    idle then).
 
     The model and the objective's parameters (the distillation projector) both end with the best
     epoch's values, so a checkpoint pairs weights of one epoch. A diverged epoch (non-finite
@@ -163,12 +296,16 @@ def fit(model: SASRec, prepared: Prepared, cfg: TrainConfig, objective: Objectiv
     branches = objective is not None and getattr(objective, "own_rng", False)
     params = list(model.parameters()) + extra
     pool = ThreadPoolExecutor(1, thread_name_prefix="objective") if branches and concurrent else None
+    feed = None
+    if draw_ahead and objective is None and sasrec.FAST_TRAIN_OPS:
+        feed = MaskFeed([min(cfg.batch_size, len(X) - b * cfg.batch_size) for b in range(steps)])
 
     def objective_branch(at_step: int):
         l_extra, extra_logs = objective.loss(model, at_step)
         return l_extra.detach(), extra_logs, _branch_grads(l_extra, params)
 
-    with _progress() as prog, (pool or contextlib.nullcontext()):
+    with _progress() as prog, (pool or contextlib.nullcontext()), \
+            (contextlib.closing(feed) if feed else contextlib.nullcontext()):
         task = prog.add_task("train", total=steps, info="", visible=show_progress)
         for epoch in range(1, cfg.epochs + 1):
             t0 = time.perf_counter()
@@ -193,14 +330,15 @@ def fit(model: SASRec, prepared: Prepared, cfg: TrainConfig, objective: Objectiv
                     loss = loss + l_extra
                     logs.update(extra_logs)
                 else:
-                    if cfg.w_rec > 0:
-                        l_rec = next_item_loss(model, X[idx], Y[idx], cfg.loss, cfg.n_neg, gen)
-                        loss = loss + cfg.w_rec * l_rec
-                        logs["loss_rec"] = l_rec.item()
-                    if objective is not None:
-                        l_extra, extra_logs = objective.loss(model, step)
-                        loss = loss + l_extra
-                        logs.update(extra_logs)
+                    with feed.step() if feed else contextlib.nullcontext():
+                        if cfg.w_rec > 0:
+                            l_rec = next_item_loss(model, X[idx], Y[idx], cfg.loss, cfg.n_neg, gen)
+                            loss = loss + cfg.w_rec * l_rec
+                            logs["loss_rec"] = l_rec.item()
+                        if objective is not None:
+                            l_extra, extra_logs = objective.loss(model, step)
+                            loss = loss + l_extra
+                            logs.update(extra_logs)
                 logs["loss"] = loss.item()
                 if not math.isfinite(logs["loss"]):  # stop before the step spreads it into the weights
                     diverged = f"training loss {logs['loss']} at step {step}"
@@ -222,7 +360,8 @@ def fit(model: SASRec, prepared: Prepared, cfg: TrainConfig, objective: Objectiv
                 row.update(objective.end_epoch())
             if not diverged:
                 try:
-                    row.update({f"valid_{k}": v for k, v in evaluate(model, prepared, "valid").items()})
+                    with torch_threads(eval_threads):
+                        row.update({f"valid_{k}": v for k, v in evaluate(model, prepared, "valid").items()})
                 except NonFiniteScores as e:
                     diverged = f"validation scores: {e}"
             if diverged:
