@@ -92,9 +92,9 @@ def main() -> None:
 
     def load(change: bool):
         model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32)
-        if change and a.compare == "shared-heads":  # as run_tune installs it
+        if change or a.compare != "shared-heads":  # as run_tune installs it (both sides of any other comparison)
             switched = share_kv_heads(model, bf16, train=True)
-            if not switched:
+            if not switched and a.compare == "shared-heads":
                 sys.exit("share_kv_heads switched no attention module on this machine: nothing to compare")
         linears = frozen_linears(model)  # before LoRA's own Linear layers exist
         torch.manual_seed(0)  # LoRA's initialisation, the same in both
