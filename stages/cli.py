@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
-import typer
+from pipeline.omp import shorten_spin
 
-from pipeline.errors import UsageError
-from stages.prepare import prepare
-from stages.retrieve import retrieve
-from stages.cache import app as cache_app
-from stages.teacher_dump import teacher_dump
-from stages.teacher_tune import teacher_tune
-from stages.evaluate import evaluate
-from stages.train_student import student_train
+# Before any stage module imports torch: libgomp reads its environment once, when torch loads it (pipeline/omp.py).
+SPIN_SET, OMP_DECISION = shorten_spin()
+
+import typer  # noqa: E402
+
+from pipeline.errors import UsageError  # noqa: E402
+from stages.prepare import prepare  # noqa: E402
+from stages.retrieve import retrieve  # noqa: E402
+from stages.cache import app as cache_app  # noqa: E402
+from stages.teacher_dump import teacher_dump  # noqa: E402
+from stages.teacher_tune import teacher_tune  # noqa: E402
+from stages.evaluate import evaluate  # noqa: E402
+from stages.train_student import student_train  # noqa: E402
+
+if SPIN_SET and "torch" in sys.modules:  # libgomp has read it: this process only, so that children (vLLM's
+    os.environ.pop("GOMP_SPINCOUNT", None)  # engine, Ray's workers) start from the user's environment
 
 app = typer.Typer(help="Generative embedding distillation: LLM teacher decisions -> SASRec student.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -31,6 +40,7 @@ app.add_typer(cache_app, name="cache")
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger(__name__).debug(OMP_DECISION)
 
 
 def main(argv: list[str] | None = None) -> None:
