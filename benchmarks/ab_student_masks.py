@@ -50,9 +50,7 @@ def child(prepared: Path, side: str, epochs: int, store: Path | None) -> dict:
     torch.manual_seed(2020)
     model = SASRec(SasrecConfig(n_items=data.n_items))
     objective = None
-    if distilled:  # as stages/train_student.py builds it with the defaults
-        if store is None:
-            sys.exit(f"side {side} needs --store (a teacher store of this prepared data)")
+    if distilled:  # as stages/train_student.py builds it with the defaults (main() checked that --store is given)
         st = open_teacher_store(store, data, None)
         objective = DistillObjective(DistillConfig(seed=2020), data, list(st.shard_paths), model.config.hidden,
                                      model.config.max_len)

@@ -17,9 +17,9 @@ process). OMP_WAIT_POLICY must be set before libgomp starts, so every side is a 
 With --load N, N busy loops (`while True: pass`, one core each) run through the whole condition: the "other job".
 Reported per run: the dump's own seconds (its log's "N samples in S s": model loading excluded), wall and CPU
 seconds of the process. `--stage baseline|distill` times `gedistill student-train` instead (--epochs epochs, the
-whole process timed, validation and the final evaluation included; model and ranks compared byte for byte). Stores of one thread count must be byte-identical (h_dec, scores, ranking: the wait policy
-does not change the arithmetic; the script exits non-zero otherwise); `t1_same_as_t2` says whether 1 and 2 threads
-gave the same bytes too.
+whole process timed, validation and the final evaluation included; model and ranks compared byte for byte).
+Outputs of one thread count must be byte-identical (h_dec, scores, ranking: the wait policy does not change the
+arithmetic; the script exits non-zero otherwise); `t1_same_as_t2` says whether 1 and 2 threads gave the same bytes.
 
     .venv/bin/python benchmarks/ab_wait_policy.py --prepared data/prepared \\
         --candidates data/candidates/candidates.parquet --limit 48 --rounds 3 --load 0 \\
@@ -55,7 +55,7 @@ GOMP_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 DONE = re.compile(r"(\d+)\s+samples\s+in\s+([0-9.]+)\s*s")
 
 
-def dump(prepared: Path, candidates: Path, out: Path, limit: int, side: str, stage: str = "dump",
+def run_side(prepared: Path, candidates: Path, out: Path, limit: int, side: str, stage: str = "dump",
          store: Path | None = None, epochs: int = 3) -> dict:
     threads, settings = SIDES[side]
     env = {**os.environ, "GEDISTILL_NO_PROGRESS": "1", "PYTHONWARNINGS": "ignore", "COLUMNS": "200"}
@@ -132,7 +132,7 @@ def main() -> None:
             for r in range(a.rounds):
                 for side in (sides if r % 2 == 0 else sides[::-1]):
                     store = Path(tmp) / f"{side}_{r}"
-                    run = {**dump(a.prepared, a.candidates, store, a.limit, side, a.stage, a.store, a.epochs),
+                    run = {**run_side(a.prepared, a.candidates, store, a.limit, side, a.stage, a.store, a.epochs),
                            "round": r}
                     got = arrays(store)
                     run["same_bytes"] = got == reference.setdefault(SIDES[side][0], got)
